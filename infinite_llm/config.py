@@ -1,0 +1,111 @@
+"""Configuration dataclasses shared by the control plane and the data plane.
+
+Nothing here imports torch: the control plane and the simulator use these too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+PlacementPolicyName = Literal["static", "striped", "infinite"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-family decoder (mirrors the fields of an HF config.json)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: Optional[int] = None
+    max_position_embeddings: int = 1 << 20
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    attention_bias: bool = False  # Qwen2 has bias on q/k/v projections
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int | list[int]] = 2
+    model_type: str = "llama"
+    architecture: str = "LlamaForCausalLM"
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        if isinstance(self.eos_token_id, int):
+            return [self.eos_token_id]
+        return list(self.eos_token_id)
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
+        """Bytes of K and V for one token over all layers."""
+        assert self.head_dim is not None
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+    def num_parameters(self) -> int:
+        assert self.head_dim is not None
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        qo = 2 * h * self.num_attention_heads * self.head_dim
+        kv = 2 * h * self.num_key_value_heads * self.head_dim
+        per_layer = qo + kv + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + emb + h
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache layout. `num_blocks_per_instance` is the per-instance memory budget."""
+
+    block_size: int = 16
+    num_blocks_per_instance: int = 512
+    # Fraction of an instance's blocks it may lend to other instances (the rManager's lend cap).
+    lend_fraction: float = 0.9
+    dtype: str = "float32"
+
+
+@dataclass
+class ClusterConfig:
+    """How many instances and how they run."""
+
+    num_instances: int = 1
+    # "local": all instances in this process (threads), "ray": one Ray actor per instance.
+    backend: Literal["local", "ray"] = "local"
+    ray_address: Optional[str] = None  # None: start an embedded local Ray
+    device: str = "cpu"
+    placement: PlacementPolicyName = "infinite"
+    # Rebalancer (infinite policy): run every N steps, move at most this many tokens per step.
+    rebalance_interval_steps: int = 8
+    migration_tokens_per_step: int = 256
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill size)
+    max_waiting: int = 1024  # bounded waiting queue (the server answers 429 past this)
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"  # "default" (built-in) or a path to an HF checkpoint folder
+    model_config: Optional[ModelConfig] = None  # filled in by the loader
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+    served_model_name: Optional[str] = None
