@@ -91,6 +91,8 @@ class ClusterConfig:
     # Rebalancer (infinite policy): run every N steps, move at most this many tokens per step.
     rebalance_interval_steps: int = 8
     migration_tokens_per_step: int = 256
+    # A profiled PerfModel (JSON, see `infinite-llm profile`); None: a rough default model.
+    perf_model_path: Optional[str] = None
 
 
 @dataclass

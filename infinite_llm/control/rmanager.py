@@ -1,0 +1,304 @@
+"""rManager: one instance's KV block bookkeeping (pure Python, no torch).
+
+Each instance owns a BlockPool. Its blocks are used either by requests homed on the instance
+("own" blocks) or lent to another instance on behalf of one of that instance's requests. Local
+and remote allocation go through the same pool; lending is capped (`lend_cap`) so an instance
+always keeps room for its own requests. A remote allocation the instance cannot satisfy from
+its own pool is refused: a creditor never borrows from a third instance to serve a lend, so
+borrowing never cascades.
+
+Two ledgers make debts explicit on both sides:
+- the lender's ``lent`` ledger: borrower instance -> request -> block ids (on the lender),
+- the borrower's ``borrowed`` ledger: request -> creditor instance -> block ids (on the creditor).
+The cluster KV manager keeps them in agreement (see ``ClusterKVManager.check_invariants``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from infinite_llm.control.blocks import BlockPool
+from infinite_llm.control.plan import BlockRef
+
+
+@dataclass
+class InstanceStatus:
+    """A heartbeat: what the gManager knows about one instance."""
+
+    instance_id: int
+    num_blocks: int
+    num_free: int
+    num_lent: int
+    num_borrowed: int
+    lendable: int
+    # Load on the instance as the scheduler sees it; the rManager fills the number of requests
+    # it holds blocks for, the cluster KV manager overrides both with the scheduler's view.
+    num_home_requests: int
+    num_home_tokens: int
+    timestamp: float
+
+
+# Marks a block in `_holder` as used by a request homed on this instance (not lent).
+_OWN = -1
+
+
+class RManager:
+    def __init__(self, instance_id: int, num_blocks: int, lend_cap: int) -> None:
+        if instance_id < 0:
+            raise ValueError(f"instance_id must be >= 0, got {instance_id}")
+        if lend_cap < 0:
+            raise ValueError(f"lend_cap must be >= 0, got {lend_cap}")
+        self.instance_id = instance_id
+        self.pool = BlockPool(num_blocks)
+        self.lend_cap = lend_cap
+        # request -> block ids, for requests homed here.
+        self._own: dict[str, list[int]] = {}
+        # borrower instance -> request -> block ids lent to it.
+        self._lent: dict[int, dict[str, list[int]]] = {}
+        # request (homed here) -> creditor instance -> block ids held there.
+        self._borrowed: dict[str, dict[int, list[int]]] = {}
+        # block id -> (borrower or _OWN, request): who uses each allocated block, for O(1) release.
+        self._holder: dict[int, tuple[int, str]] = {}
+        self._num_lent = 0
+        self._num_borrowed = 0
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_lent(self) -> int:
+        return self._num_lent
+
+    @property
+    def num_borrowed(self) -> int:
+        return self._num_borrowed
+
+    @property
+    def lendable(self) -> int:
+        """How many blocks a lend (or reservation) could get right now."""
+        return max(0, min(self.pool.num_free, self.lend_cap - self._num_lent))
+
+    @property
+    def lent_ledger(self) -> dict[int, dict[str, list[int]]]:
+        """borrower instance -> request -> lent block ids (a copy)."""
+        return {b: {r: list(ids) for r, ids in reqs.items()} for b, reqs in self._lent.items()}
+
+    @property
+    def borrowed_ledger(self) -> dict[str, dict[int, list[int]]]:
+        """request -> creditor instance -> borrowed block ids (a copy)."""
+        return {r: {c: list(ids) for c, ids in cr.items()} for r, cr in self._borrowed.items()}
+
+    def own_blocks(self) -> dict[str, list[int]]:
+        """request homed here -> its block ids on this instance (a copy)."""
+        return {r: list(ids) for r, ids in self._own.items()}
+
+    # ---------------------------------------------------------------- allocation
+    def allocate_local(self, request_id: str, n: int) -> Optional[list[BlockRef]]:
+        """Blocks for a request homed here; None (nothing taken) if fewer than n are free.
+
+        Local allocation ignores the lend cap: the cap only limits what others may take.
+        """
+        _check_count(n)
+        if n > self.pool.num_free:
+            return None
+        ids = self.pool.allocate(n)
+        if ids:
+            self._own.setdefault(request_id, []).extend(ids)
+            for block in ids:
+                self._holder[block] = (_OWN, request_id)
+        return [BlockRef(self.instance_id, b) for b in ids]
+
+    def lend(
+        self, borrower: int, request_id: str, n: int, *, ignore_cap: bool = False
+    ) -> Optional[list[BlockRef]]:
+        """A remote allocation on behalf of instance `borrower`, from this pool only.
+
+        Refused (None, nothing taken) if n exceeds the free blocks or would push the blocks
+        lent past `lend_cap`. `ignore_cap` is for the striped baseline, which models one big
+        pooled instance with no lending limit.
+        """
+        _check_count(n)
+        if borrower == self.instance_id:
+            raise ValueError(
+                f"instance {self.instance_id} cannot lend to itself; use allocate_local"
+            )
+        if borrower < 0:
+            raise ValueError(f"borrower instance must be >= 0, got {borrower}")
+        if n > self.pool.num_free:
+            return None
+        if not ignore_cap and self._num_lent + n > self.lend_cap:
+            return None
+        ids = self.pool.allocate(n)
+        if ids:
+            self._lent.setdefault(borrower, {}).setdefault(request_id, []).extend(ids)
+            for block in ids:
+                self._holder[block] = (borrower, request_id)
+            self._num_lent += len(ids)
+        return [BlockRef(self.instance_id, b) for b in ids]
+
+    def reserve(self, borrower: int, request_id: str, n: int) -> Optional[list[BlockRef]]:
+        """Reserve-first space for a migration into this instance.
+
+        For another instance's request it is a lend (counted as lent, capped); for a request
+        homed here (a block moving back home) it is a local allocation.
+        """
+        if borrower == self.instance_id:
+            return self.allocate_local(request_id, n)
+        return self.lend(borrower, request_id, n)
+
+    def borrow(
+        self, creditor: "RManager", request_id: str, n: int, *, reservation: bool = False,
+        ignore_cap: bool = False,
+    ) -> Optional[list[BlockRef]]:
+        """Ask `creditor` for n blocks for a request homed here and record the debt.
+
+        The creditor serves it from its own pool or refuses; it never turns to a third
+        instance. `reservation` asks for a migration reservation instead of a plain lend.
+        """
+        if creditor.instance_id == self.instance_id:
+            raise ValueError(f"instance {self.instance_id} cannot borrow from itself")
+        if reservation:
+            refs = creditor.reserve(self.instance_id, request_id, n)
+        else:
+            refs = creditor.lend(self.instance_id, request_id, n, ignore_cap=ignore_cap)
+        if refs:
+            self._record_borrowed(request_id, creditor.instance_id, [r.block for r in refs])
+        return refs
+
+    def record_borrowed(self, request_id: str, creditor: int, blocks: Iterable[BlockRef]) -> None:
+        """Home side of a lend arranged elsewhere (e.g. by the cluster KV manager)."""
+        refs = list(blocks)
+        for ref in refs:
+            if ref.instance != creditor:
+                raise ValueError(f"{ref} is not on creditor instance {creditor}")
+        self._record_borrowed(request_id, creditor, [r.block for r in refs])
+
+    def _record_borrowed(self, request_id: str, creditor: int, ids: list[int]) -> None:
+        if creditor == self.instance_id:
+            raise ValueError(f"instance {self.instance_id} cannot be its own creditor")
+        if ids:
+            self._borrowed.setdefault(request_id, {}).setdefault(creditor, []).extend(ids)
+            self._num_borrowed += len(ids)
+
+    # ------------------------------------------------------------------- release
+    def release(self, request_id: str, blocks: Iterable[BlockRef]) -> None:
+        """Free specific blocks held here for `request_id` (own or lent).
+
+        Validates everything first: a block on another instance, not allocated, used by a
+        different request, or listed twice raises ValueError and nothing is freed.
+        """
+        refs = list(blocks)
+        ids: list[int] = []
+        for ref in refs:
+            if ref.instance != self.instance_id:
+                raise ValueError(f"{ref} is not on instance {self.instance_id}")
+            holder = self._holder.get(ref.block)
+            if holder is None or holder[1] != request_id:
+                raise ValueError(
+                    f"block {ref.block} of instance {self.instance_id} is not held for "
+                    f"request {request_id!r}"
+                )
+            ids.append(ref.block)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"release() of request {request_id!r} lists a block twice: {ids}")
+        # Group by holder so each ledger list is filtered once (long requests free thousands).
+        by_holder: dict[int, set[int]] = {}
+        for block in ids:
+            borrower, _ = self._holder.pop(block)
+            by_holder.setdefault(borrower, set()).add(block)
+        for borrower, gone in by_holder.items():
+            if borrower == _OWN:
+                _remove_from(self._own, request_id, gone)
+            else:
+                _remove_from(self._lent[borrower], request_id, gone)
+                if not self._lent[borrower]:
+                    del self._lent[borrower]
+                self._num_lent -= len(gone)
+        self.pool.free(ids)
+
+    def forget_borrowed(self, request_id: str, creditor: int, blocks: Iterable[BlockRef]) -> None:
+        """Home side of a release on `creditor`: drop those blocks from the borrowed ledger.
+
+        ValueError (nothing changed) if a block is not recorded as borrowed from `creditor`.
+        """
+        refs = list(blocks)
+        recorded = self._borrowed.get(request_id, {}).get(creditor, [])
+        recorded_set = set(recorded)
+        gone: set[int] = set()
+        for ref in refs:
+            if ref.instance != creditor or ref.block not in recorded_set or ref.block in gone:
+                raise ValueError(
+                    f"{ref} is not recorded as borrowed from instance {creditor} for request "
+                    f"{request_id!r}"
+                )
+            gone.add(ref.block)
+        if not refs:
+            return
+        remaining = [b for b in recorded if b not in gone]
+        if remaining:
+            self._borrowed[request_id][creditor] = remaining
+        else:
+            del self._borrowed[request_id][creditor]
+            if not self._borrowed[request_id]:
+                del self._borrowed[request_id]
+        self._num_borrowed -= len(refs)
+
+    def free_request(self, request_id: str) -> list[BlockRef]:
+        """Free every block this instance holds for the request (own, then lent); return them.
+
+        The home's borrowed ledger is not touched: the caller tells the home with
+        `forget_borrowed` for the blocks returned by each creditor.
+        """
+        refs = self.blocks_held(request_id)
+        if refs:
+            self.release(request_id, refs)
+        return refs
+
+    def blocks_held(self, request_id: str) -> list[BlockRef]:
+        """Blocks of this pool used by the request: own blocks first, then lent (by borrower)."""
+        ids = list(self._own.get(request_id, []))
+        for borrower in sorted(self._lent):
+            ids.extend(self._lent[borrower].get(request_id, []))
+        return [BlockRef(self.instance_id, b) for b in ids]
+
+    def home_requests(self) -> list[str]:
+        """Requests homed here that hold blocks here or elsewhere."""
+        return sorted(set(self._own) | set(self._borrowed))
+
+    # ----------------------------------------------------------------- heartbeat
+    def heartbeat(self, now: float) -> InstanceStatus:
+        return InstanceStatus(
+            instance_id=self.instance_id,
+            num_blocks=self.pool.num_blocks,
+            num_free=self.num_free,
+            num_lent=self.num_lent,
+            num_borrowed=self.num_borrowed,
+            lendable=self.lendable,
+            num_home_requests=len(self.home_requests()),
+            num_home_tokens=0,
+            timestamp=now,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RManager(instance={self.instance_id}, free={self.num_free}/{self.pool.num_blocks}, "
+            f"lent={self.num_lent}/{self.lend_cap}, borrowed={self.num_borrowed})"
+        )
+
+
+def _check_count(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"number of blocks must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"number of blocks must be >= 0, got {n}")
+
+
+def _remove_from(table: dict[str, list[int]], request_id: str, gone: set[int]) -> None:
+    kept = [b for b in table[request_id] if b not in gone]
+    if kept:
+        table[request_id] = kept
+    else:
+        del table[request_id]

@@ -1,0 +1,247 @@
+"""Admission, continuous batching, chunked prefill and preemption (pure Python).
+
+Every step the scheduler spends a token budget (`max_num_batched_tokens`):
+1. Running requests first, oldest first: one token each when decoding, or the next prompt chunk
+   when a prefill is unfinished. If the cluster KV manager cannot grow a request's block table,
+   the newest running request is preempted (its blocks freed, its KV recomputed later) until the
+   older one fits. Older requests therefore always make progress: no livelock.
+2. Then waiting requests in FIFO order, each given a home instance (least loaded) and a first
+   prefill chunk, until the budget, `max_num_seqs` or the KV memory runs out.
+
+The result is one `StepPlan` shared by all instances. The scheduler never touches tensors; the
+same code drives the real engine and the cluster simulator.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from infinite_llm.config import SchedulerConfig
+from infinite_llm.control.kv_manager import ClusterKVManager
+from infinite_llm.control.plan import SampleResult, SeqWork, StepPlan
+from infinite_llm.control.request import FinishReason, Request, RequestStatus
+
+
+class QueueFullError(RuntimeError):
+    """The bounded waiting queue is full; the client should retry later (HTTP 429)."""
+
+
+class RequestTooLongError(ValueError):
+    """The request can never fit the KV memory its policy allows (HTTP 400)."""
+
+
+@dataclass
+class SchedulerOutput:
+    plan: StepPlan
+    scheduled: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: ClusterKVManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.block_size = kv.block_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._step_id = 0
+
+    # ----------------------------------------------------------------- admission
+    def max_context(self) -> int:
+        """The longest context (prompt + output) one request can ever hold."""
+        return max(self.kv.max_tokens_for_request(i) for i in range(self.kv.num_instances))
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty: at least one token is required")
+        capacity = self.max_context()
+        request.max_total_tokens = min(request.max_total_tokens, capacity)
+        wanted = request.num_prompt_tokens + (request.sampling.max_tokens or 1)
+        if wanted > capacity:
+            raise RequestTooLongError(
+                f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens "
+                f"({request.sampling.max_tokens}) exceeds the {capacity} tokens of KV cache one "
+                f"request can use under the '{self.kv.placement}' placement policy"
+            )
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.max_waiting} requests); retry later"
+            )
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def abort(self, request_id: str) -> Optional[Request]:
+        """Finish a request now and release all its blocks, local and remote. Idempotent."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return None
+        self._finish(request, FinishReason.ABORT)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---------------------------------------------------------------- scheduling
+    def _choose_home(self, request: Request) -> int:
+        """Least-loaded dispatch: the instance with the most free blocks (ties: fewest homes)."""
+        homes = [0] * self.kv.num_instances
+        for r in self.running:
+            if r.home is not None:
+                homes[r.home] += 1
+        candidates = [
+            i
+            for i in range(self.kv.num_instances)
+            if self.kv.max_tokens_for_request(i) >= request.num_prompt_tokens + 1
+        ] or list(range(self.kv.num_instances))
+        return max(candidates, key=lambda i: (self.kv.num_free_blocks(i), -homes[i], -i))
+
+    def _preempt(self, victim: Request) -> None:
+        """Preemption by recompute: drop the KV, requeue at the front of the waiting queue."""
+        self.kv.free(victim.request_id)
+        self.running.remove(victim)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        victim.status = RequestStatus.WAITING
+        self.waiting.appendleft(victim)
+
+    def schedule(self) -> SchedulerOutput:
+        self._step_id += 1
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+
+        # 1. running requests, oldest first.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to do (should not happen for a running request)
+                index += 1
+                continue
+            target = request.num_computed_tokens + num_new
+            assert request.home is not None
+            while not self.kv.allocate(request.request_id, request.home, target):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                index += 1
+                continue
+            break  # the request preempted itself: nothing newer is left to run
+
+        # 2. waiting requests, FIFO (no admission while anything was preempted this step:
+        #    memory is short, and the preempted request is first in line anyway).
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and not preempted
+        ):
+            request = self.waiting[0]
+            home = request.home if request.home is not None else self._choose_home(request)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate(request.request_id, home, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            request.home = home
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+        plan = StepPlan(step_id=self._step_id, block_size=self.block_size)
+        for request, num_new in scheduled:
+            start = request.num_computed_tokens
+            end = start + num_new
+            assert request.home is not None
+            plan.seqs.append(
+                SeqWork(
+                    request_id=request.request_id,
+                    home=request.home,
+                    token_ids=request.all_token_ids[start:end],
+                    start_pos=start,
+                    block_table=list(self.kv.block_table(request.request_id)),
+                    sample=end == request.num_tokens,
+                    sampling=request.sampling,
+                    num_generated=len(request.output_token_ids),
+                )
+            )
+        return SchedulerOutput(plan=plan, scheduled=[r for r, _ in scheduled], preempted=preempted)
+
+    # -------------------------------------------------------------------- update
+    def update(self, output: SchedulerOutput, results: Iterable[SampleResult], now: float) -> list[Request]:
+        """Apply a step's results: advance computed tokens, append samples, finish requests.
+
+        Returns the requests that produced a token or finished this step.
+        """
+        sampled = {r.request_id: r for r in results}
+        progressed: list[Request] = []
+        for work in output.plan.seqs:
+            request = self.requests.get(work.request_id)
+            if request is None or request.is_finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens = work.end_pos
+            if not work.sample:
+                continue
+            result = sampled.get(work.request_id)
+            if result is None:
+                raise RuntimeError(f"no sample returned for request {work.request_id!r}")
+            request.output_token_ids.append(result.token_id)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            progressed.append(request)
+            reason = self._token_stop_reason(request, result.token_id)
+            if reason is not None:
+                self._finish(request, reason, now)
+        return progressed
+
+    def _token_stop_reason(self, request: Request, token_id: int) -> Optional[FinishReason]:
+        params = request.sampling
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return FinishReason.STOP
+        if len(request.output_token_ids) >= request.max_output_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def finish(self, request_id: str, reason: FinishReason, now: Optional[float] = None) -> None:
+        request = self.requests[request_id]
+        if not request.is_finished:
+            self._finish(request, reason, now)
+
+    def _finish(self, request: Request, reason: FinishReason, now: Optional[float] = None) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.finished_time = now
+
+    def pop_finished(self, request_id: str) -> None:
+        """Forget a finished request (the engine has delivered its last output)."""
+        request = self.requests.get(request_id)
+        if request is not None and request.is_finished:
+            del self.requests[request_id]

@@ -1,0 +1,199 @@
+"""`infinite-llm serve | generate | bench | simulate | profile`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default="default", help="'default' (built-in model) or a local HF checkpoint folder")
+    g.add_argument("--served-model-name", default=None)
+    g.add_argument("--num-instances", type=int, default=1, help="instances sharing one distributed KV cache")
+    g.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: instances as threads of this process; ray: one Ray actor per instance")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start an embedded one)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--placement", choices=["static", "striped", "infinite"], default="infinite")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-blocks-per-instance", type=int, default=512, help="per-instance KV memory budget, in blocks")
+    g.add_argument("--lend-fraction", type=float, default=0.9, help="share of an instance's blocks it may lend")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget (prefill chunk size)")
+    g.add_argument("--max-waiting", type=int, default=1024, help="waiting-queue bound (HTTP 429 past it)")
+    g.add_argument("--rebalance-interval-steps", type=int, default=8)
+    g.add_argument("--migration-tokens-per-step", type=int, default=256)
+    g.add_argument("--perf-model", default=None, help="profiled perf model JSON (from `infinite-llm profile`)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks_per_instance=args.kv_blocks_per_instance,
+            lend_fraction=args.lend_fraction,
+            dtype=args.dtype,
+        ),
+        cluster=ClusterConfig(
+            num_instances=args.num_instances,
+            backend=args.backend,
+            ray_address=args.ray_address,
+            device=args.device,
+            placement=args.placement,
+            rebalance_interval_steps=args.rebalance_interval_steps,
+            migration_tokens_per_step=args.migration_tokens_per_step,
+            perf_model_path=args.perf_model,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting=args.max_waiting,
+        ),
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from infinite_llm.engine import LLM
+    from infinite_llm.sampling import SamplingParams
+
+    config = engine_config_from_args(args)
+    llm = LLM(model=config.model, config=config)
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.sampling_seed,
+        max_tokens=args.max_tokens, stop=args.stop or [], ignore_eos=args.ignore_eos,
+    )
+    prompts = args.prompt or ["Hello, my name is"]
+    try:
+        outputs = llm.generate(prompts, params)
+    finally:
+        llm.shutdown()
+    for out in outputs:
+        if args.json:
+            print(json.dumps({
+                "prompt_token_ids": out.prompt_token_ids, "output_token_ids": out.output_token_ids,
+                "text": out.text, "finish_reason": out.finish_reason,
+            }))
+        else:
+            print(f"--- prompt: {len(out.prompt_token_ids)} tokens, output: {len(out.output_token_ids)} tokens "
+                  f"(finish: {out.finish_reason})")
+            print(out.text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from infinite_llm.entrypoints.api_server import run_server
+
+    run_server(engine_config_from_args(args), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "serve":
+        from infinite_llm.bench.serve_bench import main_from_args
+
+        main_from_args(args)
+        return 0
+    from infinite_llm.bench.offline import main_from_args as offline_main
+
+    offline_main(args)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from infinite_llm.sim.cli import main_from_args
+
+    main_from_args(args)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from infinite_llm.bench.profile import main_from_args
+
+    main_from_args(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infinite-llm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate offline from prompts")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--stop", action="append")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks: offline policy comparison, or `bench serve`")
+    bench_sub = bench.add_subparsers(dest="bench_command")
+    bench_serve = bench_sub.add_parser("serve", help="load generator against a running server")
+    try:
+        from infinite_llm.bench.serve_bench import add_cli_args as add_serve_bench_args
+
+        add_serve_bench_args(bench_serve)
+    except ImportError:  # pragma: no cover - only while the package is partially installed
+        pass
+    try:
+        from infinite_llm.bench.offline import add_cli_args as add_offline_args
+
+        add_engine_args(bench)
+        add_offline_args(bench)
+    except ImportError:  # pragma: no cover
+        pass
+    bench.set_defaults(func=cmd_bench)
+
+    sim = sub.add_parser("simulate", help="discrete-event cluster simulation at the paper's scale")
+    try:
+        from infinite_llm.sim.cli import add_cli_args as add_sim_args
+
+        add_sim_args(sim)
+    except ImportError:  # pragma: no cover
+        pass
+    sim.set_defaults(func=cmd_simulate)
+
+    prof = sub.add_parser("profile", help="profile the model on this hardware and fit the perf model")
+    add_engine_args(prof)
+    try:
+        from infinite_llm.bench.profile import add_cli_args as add_profile_args
+
+        add_profile_args(prof)
+    except ImportError:  # pragma: no cover
+        pass
+    prof.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Shared pytest configuration."""
+
+import os
+
+# Keep HF libraries fully offline in tests: nothing may be downloaded.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
