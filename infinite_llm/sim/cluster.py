@@ -1,0 +1,195 @@
+"""The simulated cluster: hardware, model, memory and links (pure Python, no torch).
+
+`SimClusterSpec` turns a hardware preset and a model preset into what the control plane and the
+simulated executor need: KV blocks per instance (HBM minus weights, minus an activation /
+workspace reserve), bytes per KV token, bytes a query and a partial result take on the wire,
+and which link (NVLink inside a node, the network across nodes) joins two instances.
+
+`StepCostModel` is the cost side: a `PerfModel` for the non-attention layers and for reading KV,
+optionally a FLOP rate for the compute side of attention (long prefill chunks are compute
+bound), link bandwidths and latencies, and how instance times combine into a step time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from infinite_llm.control.perf_model import (
+    HARDWARE_PRESETS,
+    MODEL_PRESETS,
+    HardwareSpec,
+    ModelSpec,
+    PerfModel,
+    kv_token_capacity,
+)
+
+# How per-instance times make a step time:
+#   "lockstep":    every instance has its own accelerator and the step ends when the slowest
+#                  instance is done (max over instances) -- the real engine on a GPU cluster;
+#   "shared_host": the instances are threads sharing a few CPU cores (the local engine on this
+#                  machine): the step takes at least max_i t_i and at least sum_i t_i / lanes,
+#                  stretched by contention when more instances are busy than there are cores.
+CombineMode = Literal["lockstep", "shared_host"]
+
+# Per-message latencies of the per-layer query/partial exchange. Published figures for
+# NVLink/NCCL small messages and InfiniBand RDMA are a few microseconds; these are the order
+# of magnitude, not a measurement.
+DEFAULT_INTRA_NODE_LATENCY_S = 5e-6
+DEFAULT_INTER_NODE_LATENCY_S = 10e-6
+
+
+@dataclass(frozen=True)
+class StepCostModel:
+    """Everything the simulated executor needs to price one step.
+
+    perf:                non-attention time (per instance batch/tokens) and KV-read time.
+    attn_flop_s_per_kv_query: seconds for one query token to attend to one KV token (compute
+                         side); 0 disables the compute bound (the PerfModel's KV-read term
+                         alone then prices attention).
+    kv_bytes_per_token:  K and V of one token, all layers (migration traffic).
+    query_bytes_per_token / partial_bytes_per_token: one token's query, and its (out, lse)
+                         partial, over all layers (DistAttention traffic).
+    num_layers:          per-layer exchanges: a remote peer costs 2 latencies per layer.
+    """
+
+    perf: PerfModel
+    kv_bytes_per_token: int
+    query_bytes_per_token: int
+    partial_bytes_per_token: int
+    num_layers: int
+    attn_flop_s_per_kv_query: float = 0.0
+    intra_node_bandwidth_Bps: float = math.inf
+    inter_node_bandwidth_Bps: float = math.inf
+    intra_node_latency_s: float = 0.0
+    inter_node_latency_s: float = 0.0
+    instances_per_node: int = 1
+    combine: CombineMode = "lockstep"
+    # False: an instance's messages to different peers go out in parallel, so the per-layer
+    # latency is paid once (GPUs with their own links). True: they are handled one after
+    # another, so it is paid per peer (instances as threads of one process on a few cores).
+    latency_per_peer: bool = False
+    # "shared_host": how many instances' work the host runs at once (1: one after another),
+    # and how much every instance's time stretches per busy instance beyond `host_cores`
+    # (threads oversubscribing the cores contend for them and for the interpreter lock).
+    host_lanes: float = 1.0
+    host_cores: int = 1
+    contention_per_extra_instance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.host_lanes) and self.host_lanes >= 1):
+            raise ValueError(f"StepCostModel.host_lanes must be finite and >= 1, got {self.host_lanes!r}")
+        if not (math.isfinite(self.contention_per_extra_instance) and self.contention_per_extra_instance >= 0):
+            raise ValueError("StepCostModel.contention_per_extra_instance must be finite and >= 0, "
+                             f"got {self.contention_per_extra_instance!r}")
+        for name in ("kv_bytes_per_token", "query_bytes_per_token", "partial_bytes_per_token",
+                     "num_layers", "instances_per_node", "host_cores"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"StepCostModel.{name} must be an integer >= 1, got {value!r}")
+        for name in ("attn_flop_s_per_kv_query", "intra_node_latency_s", "inter_node_latency_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"StepCostModel.{name} must be finite and >= 0, got {value!r}")
+        for name in ("intra_node_bandwidth_Bps", "inter_node_bandwidth_Bps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"StepCostModel.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.combine not in ("lockstep", "shared_host"):
+            raise ValueError(f"StepCostModel.combine must be 'lockstep' or 'shared_host', got {self.combine!r}")
+
+    def same_node(self, a: int, b: int) -> bool:
+        return a // self.instances_per_node == b // self.instances_per_node
+
+
+@dataclass(frozen=True)
+class SimClusterSpec:
+    """A cluster of `num_instances` identical instances of `tensor_parallel` GPUs each."""
+
+    hardware: str = "A100-80GB"
+    model: str = "llama2-7b"
+    num_instances: int = 32
+    block_size: int = 256
+    tensor_parallel: int = 1
+    dtype_bytes: int = 2
+    # Share of HBM the server may use; the rest is the activation / workspace reserve.
+    memory_utilization: float = 0.9
+    lend_fraction: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.hardware not in HARDWARE_PRESETS:
+            raise ValueError(f"unknown hardware {self.hardware!r}; choose one of {sorted(HARDWARE_PRESETS)}")
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODEL_PRESETS)}")
+        for name in ("num_instances", "block_size", "tensor_parallel", "dtype_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SimClusterSpec.{name} must be an integer >= 1, got {value!r}")
+        if self.hardware_spec.gpus_per_node % self.tensor_parallel != 0:
+            raise ValueError(
+                f"tensor_parallel ({self.tensor_parallel}) must divide the {self.hardware_spec.gpus_per_node} "
+                f"GPUs of a {self.hardware} node"
+            )
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+        if not 0 <= self.lend_fraction <= 1:
+            raise ValueError(f"lend_fraction must be in [0, 1], got {self.lend_fraction}")
+        self.blocks_per_instance  # raises a clear error if the weights do not fit
+
+    @property
+    def hardware_spec(self) -> HardwareSpec:
+        return HARDWARE_PRESETS[self.hardware]
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return MODEL_PRESETS[self.model]
+
+    @property
+    def kv_tokens_per_instance(self) -> int:
+        return kv_token_capacity(self.hardware_spec, self.model_spec, self.tensor_parallel,
+                                 self.dtype_bytes, self.memory_utilization)
+
+    @property
+    def blocks_per_instance(self) -> int:
+        blocks = self.kv_tokens_per_instance // self.block_size
+        if blocks < 1:
+            raise ValueError(
+                f"{self.model} on {self.tensor_parallel} x {self.hardware} leaves room for "
+                f"{self.kv_tokens_per_instance} KV tokens, less than one {self.block_size}-token block"
+            )
+        return blocks
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.model_spec.kv_bytes_per_token(self.dtype_bytes)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_instances * self.tensor_parallel
+
+    def cost_model(self, perf: Optional[PerfModel] = None) -> StepCostModel:
+        """The roofline cost model of this cluster (or `perf` for the per-instance part)."""
+        hw, model = self.hardware_spec, self.model_spec
+        tp = self.tensor_parallel
+        perf = perf or PerfModel.from_hardware(hw, model, self.dtype_bytes, tp)
+        query = model.num_layers * model.num_heads * model.head_dim * self.dtype_bytes
+        # The partial output has the query's shape; its log-sum-exp is one fp32 per head.
+        partial = query + model.num_layers * model.num_heads * 4
+        return StepCostModel(
+            perf=perf,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            query_bytes_per_token=query,
+            partial_bytes_per_token=partial,
+            num_layers=model.num_layers,
+            attn_flop_s_per_kv_query=model.attention_flops_per_kv_token() / (hw.peak_flops * tp),
+            # Every GPU of an instance has its own NVLink ports and NIC.
+            intra_node_bandwidth_Bps=hw.intra_node_bandwidth_Bps * tp,
+            inter_node_bandwidth_Bps=hw.inter_node_bandwidth_Bps * tp,
+            intra_node_latency_s=DEFAULT_INTRA_NODE_LATENCY_S,
+            inter_node_latency_s=DEFAULT_INTER_NODE_LATENCY_S,
+            instances_per_node=hw.gpus_per_node // tp,
+            combine="lockstep",
+        )
+
+
+__all__ = ["CombineMode", "SimClusterSpec", "StepCostModel"]

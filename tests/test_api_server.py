@@ -1,0 +1,505 @@
+"""The OpenAI-compatible server against the real engine (built-in default model, small KV budget),
+served by uvicorn on 127.0.0.1 from a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from typing import Callable, Optional
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from infinite_llm.async_engine import AsyncLLMEngine, EngineDeadError
+from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
+from infinite_llm.engine import LLMEngine, QueueFullError
+from infinite_llm.entrypoints.api_server import build_app
+from infinite_llm.sampling import SamplingParams
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 48  # 768 tokens of KV per instance
+
+
+def small_config(num_instances: int = 1, max_num_seqs: int = 8, max_waiting: int = 64) -> EngineConfig:
+    return EngineConfig(
+        model="default",
+        cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks_per_instance=NUM_BLOCKS),
+        cluster=ClusterConfig(num_instances=num_instances),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256, max_waiting=max_waiting),
+    )
+
+
+class LiveServer:
+    """An AsyncLLMEngine behind uvicorn on a free local port, in a background thread."""
+
+    def __init__(self, config: Optional[EngineConfig] = None,
+                 engine_factory: Optional[Callable[[], LLMEngine]] = None) -> None:
+        self.engine = AsyncLLMEngine(config, engine_factory=engine_factory)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))  # pre-bound: no race for the port
+        self.port = sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(build_app(self.engine), log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def kv_blocks_used(self) -> int:
+        stats = self.engine.latest_stats()
+        return sum(entry["blocks_used"] for entry in stats.per_instance)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return predicate()
+
+    def wait_idle(self, timeout: float = 15.0) -> bool:
+        """True once nothing runs or waits and every KV block is free again."""
+        def idle() -> bool:
+            stats = self.engine.latest_stats()
+            return stats.num_running == 0 and stats.num_waiting == 0 and self.kv_blocks_used() == 0
+        return self.wait_until(idle, timeout)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server():
+    # Two instances, so per-instance metrics and pooled KV (lending) are in play.
+    live = LiveServer(small_config(num_instances=2))
+    yield live
+    live.close()
+
+
+@pytest.fixture()
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture()
+def oai(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def sse_events(response: httpx.Response) -> list:
+    """Parse an SSE body into JSON payloads; the final `[DONE]` is returned as the string."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return events
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+# ----------------------------------------------------------------------------- basics
+def test_health_and_models(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["default"]
+    assert models["data"][0]["vocab_size"] > 0
+
+
+def test_completion_non_stream_counts_usage(client, server):
+    prompt = "Hello, my name is"
+    r = client.post("/v1/completions", json={
+        "model": "default", "prompt": prompt, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "default"
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and isinstance(choice["text"], str)
+    expected_prompt_tokens = len(server.engine.tokenizer.encode(prompt))
+    assert body["usage"] == {"prompt_tokens": expected_prompt_tokens, "completion_tokens": 7,
+                             "total_tokens": expected_prompt_tokens + 7}
+
+
+def test_stream_text_equals_non_stream_text(client):
+    request = {"prompt": [5, 17, 99, 250, 31], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    full = client.post("/v1/completions", json=request).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_stop_string_is_removed_also_when_streaming(client):
+    base = {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    text = client.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    stop = text[6:9]  # a stop string that occurs mid-output
+    assert len(stop) == 3, "the greedy output is too short for this test"
+    cut = text[: text.index(stop)]
+    body = client.post("/v1/completions", json={**base, "stop": stop}).json()
+    assert body["choices"][0]["text"] == cut
+    assert body["choices"][0]["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/completions", json={**base, "stop": [stop], "stream": True}) as r:
+        events = sse_events(r)
+    # Characters that might start the stop string are held back, so nothing past the cut leaks.
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == cut
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_batch_of_prompts_with_n(client):
+    prompts = [[10, 11, 12], [40, 41, 42, 43, 44]]
+    r = client.post("/v1/completions", json={
+        "prompt": prompts, "n": 2, "max_tokens": 3, "temperature": 1.0, "seed": 7, "ignore_eos": True,
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    # Each prompt counted once, whatever n is.
+    assert body["usage"]["prompt_tokens"] == 3 + 5
+    assert body["usage"]["completion_tokens"] == 4 * 3
+
+
+def test_echo_prepends_the_prompt(client):
+    request = {"prompt": "Echo me", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    plain = client.post("/v1/completions", json=request).json()["choices"][0]["text"]
+    echoed = client.post("/v1/completions", json={**request, "echo": True}).json()["choices"][0]["text"]
+    assert echoed == "Echo me" + plain
+    with client.stream("POST", "/v1/completions", json={**request, "echo": True, "stream": True}) as r:
+        events = sse_events(r)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == echoed
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed: int) -> str:
+        r = client.post("/v1/completions", json={
+            "prompt": "Once upon a time", "max_tokens": 16, "temperature": 1.0, "top_p": 0.95,
+            "seed": seed, "ignore_eos": True,
+        })
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert len({first, sample(1), sample(2)}) > 1, "different seeds should not all agree"
+
+
+# ----------------------------------------------------------------------------- chat
+def test_chat_non_stream_and_stream(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    request = {"model": "default", "messages": messages, "max_completion_tokens": 6, "temperature": 0,
+               "ignore_eos": True}
+    body = client.post("/v1/chat/completions", json=request).json()
+    assert body["object"] == "chat.completion"
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 6
+    with client.stream("POST", "/v1/chat/completions", json={
+        **request, "stream": True, "stream_options": {"include_usage": True},
+    }) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    first, *middle, usage_chunk, _ = events
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("role" not in c["choices"][0]["delta"] for c in middle)
+    assert middle[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in middle) == choice["message"]["content"]
+    assert all(c["usage"] is None for c in [first, *middle])
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == body["usage"]
+
+
+def test_openai_client_unchanged(oai):
+    completion = oai.completions.create(model="default", prompt="Say something", max_tokens=5,
+                                        temperature=0, extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 5
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in oai.completions.create(model="default", prompt="Say something", max_tokens=5,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
+    )
+    assert streamed == completion.choices[0].text
+
+    chat = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hello"}],
+                                       max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 4
+    parts, usage = [], None
+    for chunk in oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hello"}],
+                                             max_tokens=4, temperature=0, stream=True,
+                                             stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+    assert "".join(parts) == chat.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == 4
+
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model="default", prompt="x", max_tokens=1, temperature=-2)
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": "x", "temperature": -1}, None),
+        ({"prompt": "x", "max_tokens": 0}, None),
+        ({"prompt": "x", "top_p": 0}, None),
+        ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),  # FastAPI's 422 turned into 400
+        ({"prompt": [1.5, 2]}, "prompt"),
+        ({"prompt": [10**9]}, None),  # token id outside the vocabulary
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({}, "prompt"),
+    ],
+)
+def test_invalid_completion_requests_get_400(client, body, param):
+    error = assert_openai_error(client.post("/v1/completions", json=body), 400)
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_prompt_longer_than_the_cluster_kv_gets_400(client):
+    too_long = [7] * (2 * NUM_BLOCKS * BLOCK_SIZE + 1)  # more than both instances hold together
+    error = assert_openai_error(client.post("/v1/completions", json={"prompt": too_long, "max_tokens": 1}), 400)
+    assert error["code"] == "context_length_exceeded"
+
+
+def test_malformed_json_and_wrong_shapes_get_400(client):
+    for raw in (b"{not json", b"[1, 2, 3]", b'"just a string"'):
+        r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert_openai_error(r, 400)
+    assert_openai_error(client.post("/v1/chat/completions", json={"messages": []}), 400)
+    assert_openai_error(client.post("/v1/chat/completions", json={"messages": [{"content": "no role"}]}), 400)
+    bad_part = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    assert_openai_error(client.post("/v1/chat/completions", json=bad_part), 400)
+
+
+def test_unknown_model_and_route_get_404(client):
+    error = assert_openai_error(client.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    chat = {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}
+    assert_openai_error(client.post("/v1/chat/completions", json=chat), 404)
+    assert_openai_error(client.get("/v1/nothing-here"), 404)
+
+
+def test_server_is_healthy_after_bad_input(client):
+    assert client.get("/health").status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- disconnects
+def test_disconnect_mid_stream_aborts_and_frees_all_blocks(server, client):
+    assert server.wait_idle()
+    request = {"prompt": list(range(3, 200)), "max_tokens": 1100, "temperature": 0, "ignore_eos": True,
+               "stream": True}
+    with client.stream("POST", "/v1/completions", json=request) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(3):  # a few tokens arrive, then the client hangs up
+            while not next(lines).startswith("data: "):
+                pass
+        assert server.kv_blocks_used() > 0
+    # Left alone the request would run ~1100 decode steps; the abort frees it within a step or two.
+    assert server.wait_idle(timeout=5), f"blocks still used: {server.engine.latest_stats()}"
+    metrics = client.get("/metrics").text
+    assert 'infinite_llm_request_finished_total{finish_reason="abort",model_name="default"}' in metrics
+
+
+def test_disconnect_while_waiting_for_non_stream_result_frees_all_blocks(server):
+    assert server.wait_idle()
+    request = {"prompt": list(range(3, 200)), "max_tokens": 1100, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", json=request, timeout=httpx.Timeout(5.0, read=0.5))
+    # Left alone the request would run ~1100 decode steps; the abort frees it within a step or two.
+    assert server.wait_idle(timeout=5), f"blocks still used: {server.engine.latest_stats()}"
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_exposition(client):
+    client.post("/v1/completions", json={"prompt": "metrics", "max_tokens": 3, "ignore_eos": True})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    for instance in ("0", "1"):
+        for kind in ("used", "lent", "borrowed", "total"):
+            assert f'infinite_llm_kv_blocks_{kind}{{instance="{instance}",model_name="default"}}' in samples
+        assert samples[f'infinite_llm_kv_blocks_total{{instance="{instance}",model_name="default"}}'] == NUM_BLOCKS
+    assert samples['infinite_llm_num_requests_running{model_name="default"}'] >= 0
+    assert samples['infinite_llm_num_requests_waiting{model_name="default"}'] >= 0
+    assert samples['infinite_llm_prompt_tokens_total{model_name="default"}'] > 0
+    assert samples['infinite_llm_generation_tokens_total{model_name="default"}'] >= 3
+    for hist in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert samples[f'infinite_llm_{hist}_count{{model_name="default"}}'] >= 1
+
+
+# ----------------------------------------------------------------------------- async engine
+def test_async_engine_raises_admission_errors_before_output(server):
+    engine = server.engine
+
+    async def scenario() -> None:
+        with pytest.raises(ValueError):
+            async for _ in engine.generate([], SamplingParams(max_tokens=1), "empty"):
+                pass
+        outputs = [o async for o in engine.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=4,
+                                                                               ignore_eos=True), "ok")]
+        assert [len(o.output_token_ids) for o in outputs][-1] == 4 and outputs[-1].finished
+        # Stopping early (break) aborts the request in the engine.
+        async for _ in engine.generate([5, 6, 7], SamplingParams(max_tokens=300, ignore_eos=True), "early"):
+            break
+
+    asyncio.run(scenario())
+    assert server.wait_idle()
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    fields = open(f"/proc/self/task/{native_id}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_idle_engine_thread_blocks_instead_of_spinning(server):
+    assert server.wait_idle()
+    steps = server.engine.latest_stats().num_steps
+    native_id = server.engine._thread.native_id
+    before = _thread_cpu_seconds(native_id)
+    time.sleep(0.5)
+    # A polling loop would burn about 0.5 s of CPU here; a blocked thread burns none.
+    assert _thread_cpu_seconds(native_id) - before < 0.1
+    assert server.engine.latest_stats().num_steps == steps
+
+
+# ----------------------------------------------------------------------------- 429 and 503
+def test_full_waiting_queue_gets_429():
+    live = LiveServer(small_config(max_num_seqs=1, max_waiting=1))
+    try:
+        long_request = {"prompt": [9, 8, 7], "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+        with live.client() as client, client.stream("POST", "/v1/completions",
+                                                     json={**long_request, "stream": True}) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()
+            while not next(lines).startswith("data: "):  # the first request runs now
+                pass
+            outcome: list[str] = []
+
+            def send_and_give_up() -> None:
+                try:  # hangs up while still waiting, which aborts it
+                    httpx.post(f"{live.base_url}/v1/completions", json=long_request, timeout=2.0)
+                    outcome.append("answered")
+                except httpx.ReadTimeout:
+                    outcome.append("gave up")
+
+            waiting = threading.Thread(target=send_and_give_up, daemon=True)
+            waiting.start()  # it waits (max_num_seqs=1) and fills the queue (max_waiting=1)
+            assert live.wait_until(lambda: live.engine.latest_stats().num_waiting == 1)
+            error = assert_openai_error(client.post("/v1/completions", json=long_request), 429)
+            assert error["type"] == "rate_limit_error"
+            waiting.join(5)
+            assert outcome == ["gave up"]
+        assert live.wait_idle()
+    finally:
+        live.close()
+
+
+def test_engine_crash_fails_requests_and_turns_unhealthy():
+    crash = threading.Event()
+
+    def crashing_engine() -> LLMEngine:
+        engine = LLMEngine(small_config())
+        real_step = engine.step
+
+        def step():
+            if crash.is_set():
+                raise RuntimeError("injected device failure")
+            return real_step()
+
+        engine.step = step  # type: ignore[method-assign]
+        return engine
+
+    live = LiveServer(engine_factory=crashing_engine)
+    try:
+        with live.client() as client:
+            request = {"prompt": [4, 5, 6], "max_tokens": 300, "ignore_eos": True, "stream": True}
+            with client.stream("POST", "/v1/completions", json=request) as r:
+                lines = r.iter_lines()
+                while not next(lines).startswith("data: "):
+                    pass
+                crash.set()
+                rest = [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+                        for line in lines if line.startswith("data: ")]
+            assert rest[-1] == "[DONE]"
+            assert rest[-2]["error"]["code"] == "engine_dead"
+            assert_openai_error(client.get("/health"), 503)
+            error = assert_openai_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}), 503)
+            assert error["code"] == "engine_dead"
+        assert not live.engine.is_healthy
+
+        async def add_after_death() -> None:
+            with pytest.raises(EngineDeadError):
+                await live.engine.add_request("x", SamplingParams(max_tokens=1), "late")
+
+        asyncio.run(add_after_death())
+    finally:
+        live.close()
+
+
+def test_queue_full_error_is_raised_by_the_async_engine():
+    live_engine = AsyncLLMEngine(small_config(max_num_seqs=1, max_waiting=1))
+
+    async def scenario() -> None:
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        first = await live_engine.add_request([3, 4], params, "a")
+        await first.__anext__()  # "a" is running
+        second = await live_engine.add_request([3, 4], params, "b")  # waits
+        with pytest.raises(QueueFullError):
+            await live_engine.add_request([3, 4], params, "c")
+        first.abort()
+        second.abort()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        live_engine.shutdown()
