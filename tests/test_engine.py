@@ -80,8 +80,8 @@ def test_greedy_matches_hf_with_preemption(llama_checkpoint):
 @pytest.mark.parametrize("placement", ["infinite", "striped"])
 def test_long_request_spread_over_instances_matches_hf(llama_checkpoint, placement):
     (prompt,) = _prompts(2, [90])
-    # 3 instances x 5 blocks x 8 tokens: one instance holds 40 tokens, the request needs 110.
-    llm = _engine(llama_checkpoint, instances=3, blocks=5, placement=placement, batched_tokens=16)
+    # 3 instances x 6 blocks x 8 tokens: one instance holds 48 tokens, the request needs 110.
+    llm = _engine(llama_checkpoint, instances=3, blocks=6, placement=placement, batched_tokens=16)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     outputs = llm.generate([prompt], params)
     assert outputs[0].output_token_ids == hf_greedy(llama_checkpoint, prompt, 20)

@@ -43,6 +43,14 @@ class LocalExecutor(Executor):
         from infinite_llm.model.loader import load_model
 
         self.num_instances = num_instances
+        if num_instances > 1 and not device.startswith("cuda"):
+            import os
+
+            import torch
+
+            # Instance threads each running torch's full intra-op pool oversubscribe the cores;
+            # measured 10-50x slower steps on a loaded 2-core machine without this.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_instances))
         # In one process the instances share one read-only copy of the weights.
         _, model = load_model(model_path, device=device, dtype=dtype)
         model.eval()
