@@ -246,7 +246,7 @@ class LLMEngine:
             num_waiting=self.scheduler.num_waiting,
             per_instance=per_instance,
             num_steps=self.num_steps,
-            num_preemptions=sum(r.num_preemptions for r in self.scheduler.requests.values()),
+            num_preemptions=self.scheduler.num_preemptions,
             num_migrated_blocks=self.migrations.num_migrated_blocks,
         )
 

@@ -48,6 +48,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._step_id = 0
+        self.num_preemptions = 0  # cumulative, over all requests ever seen
 
     # ----------------------------------------------------------------- admission
     def max_context(self) -> int:
@@ -115,6 +116,7 @@ class Scheduler:
         self.running.remove(victim)
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         victim.status = RequestStatus.WAITING
         self.waiting.appendleft(victim)
 

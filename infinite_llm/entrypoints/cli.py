@@ -149,38 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: offline policy comparison, or `bench serve`")
     bench_sub = bench.add_subparsers(dest="bench_command")
     bench_serve = bench_sub.add_parser("serve", help="load generator against a running server")
-    try:
-        from infinite_llm.bench.serve_bench import add_cli_args as add_serve_bench_args
+    from infinite_llm.bench.serve_bench import add_cli_args as add_serve_bench_args
 
-        add_serve_bench_args(bench_serve)
-    except ImportError:  # pragma: no cover - only while the package is partially installed
-        pass
-    try:
-        from infinite_llm.bench.offline import add_cli_args as add_offline_args
+    add_serve_bench_args(bench_serve)
+    from infinite_llm.bench.offline import add_cli_args as add_offline_args
 
-        add_engine_args(bench)
-        add_offline_args(bench)
-    except ImportError:  # pragma: no cover
-        pass
+    add_engine_args(bench)
+    add_offline_args(bench)
     bench.set_defaults(func=cmd_bench)
 
     sim = sub.add_parser("simulate", help="discrete-event cluster simulation at the paper's scale")
-    try:
-        from infinite_llm.sim.cli import add_cli_args as add_sim_args
+    from infinite_llm.sim.cli import add_cli_args as add_sim_args
 
-        add_sim_args(sim)
-    except ImportError:  # pragma: no cover
-        pass
+    add_sim_args(sim)
     sim.set_defaults(func=cmd_simulate)
 
     prof = sub.add_parser("profile", help="profile the model on this hardware and fit the perf model")
     add_engine_args(prof)
-    try:
-        from infinite_llm.bench.profile import add_cli_args as add_profile_args
+    from infinite_llm.bench.profile import add_cli_args as add_profile_args
 
-        add_profile_args(prof)
-    except ImportError:  # pragma: no cover
-        pass
+    add_profile_args(prof)
     prof.set_defaults(func=cmd_profile)
     return parser
 
