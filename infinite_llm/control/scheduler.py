@@ -178,9 +178,9 @@ class Scheduler:
                 SeqWork(
                     request_id=request.request_id,
                     home=request.home,
-                    token_ids=request.all_token_ids[start:end],
+                    token_ids=request.token_slice(start, end),
                     start_pos=start,
-                    block_table=list(self.kv.block_table(request.request_id)),
+                    block_table=self.kv.block_table(request.request_id),  # already a copy
                     sample=end == request.num_tokens,
                     sampling=request.sampling,
                     num_generated=len(request.output_token_ids),
