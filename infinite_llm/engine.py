@@ -179,7 +179,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         now = time.monotonic()
-        self.kv.heartbeat(now, self._home_stats())
+        self.kv.heartbeat(now, self.scheduler.home_load())
         moves = self.migrations.plan_step(self.scheduler, self.num_steps)
         sched_out = self.scheduler.schedule()
         sched_out.plan.migrations = moves
@@ -199,14 +199,6 @@ class LLMEngine:
                 self.migrations.forget(request.request_id)
                 self._release(request.request_id)
         return outputs
-
-    def _home_stats(self) -> dict[int, tuple[int, int]]:
-        stats: dict[int, tuple[int, int]] = {}
-        for r in self.scheduler.running:
-            if r.home is not None:
-                n, t = stats.get(r.home, (0, 0))
-                stats[r.home] = (n + 1, t + r.num_tokens)
-        return stats
 
     def _output(self, request: Request) -> RequestOutput:
         detok = self._detok.get(request.request_id)

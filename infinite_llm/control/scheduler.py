@@ -88,6 +88,15 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def home_load(self) -> dict[int, tuple[int, int]]:
+        """instance -> (running requests homed there, their tokens): the heartbeat's load figures."""
+        load: dict[int, tuple[int, int]] = {}
+        for r in self.running:
+            if r.home is not None:
+                n, t = load.get(r.home, (0, 0))
+                load[r.home] = (n + 1, t + r.num_tokens)
+        return load
+
     @property
     def num_running(self) -> int:
         return len(self.running)

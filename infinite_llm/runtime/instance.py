@@ -123,6 +123,8 @@ class DistributedAttention:
             self.q_positions = as_long(qpos)
         # Exact fast path: every own sequence's KV is entirely here and nobody visits.
         self.all_local = not layout.is_distributed and len(self.own_segments) == len(layout.own)
+        # Row of each own sequence in this step's tokens (looked up per layer: keep it O(1)).
+        self.own_row = dict(zip(layout.own, layout.own_row_start))
         self.own_seg_rows = torch.cat(
             [torch.arange(s, s + n, device=device) for _, s, n in self.own_segments]
         ) if self.own_segments else as_long([])
@@ -131,6 +133,12 @@ class DistributedAttention:
     def _slot(work, j: int, bs: int) -> int:
         pos = work.start_pos + j
         return work.block_table[pos // bs].block * bs + pos % bs
+
+    def _empty_partial(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A partial that contributes nothing to ScaleReduce (out 0, lse -inf) until rows are filled."""
+        out = torch.zeros(rows, self.hq, self.d, dtype=torch.float32, device=device)
+        lse = torch.full((rows, self.hq), float("-inf"), dtype=torch.float32, device=device)
+        return out, lse
 
     # Message layouts --------------------------------------------------------
     def _query_numel(self, r) -> int:
@@ -149,7 +157,7 @@ class DistributedAttention:
             for peer, seqs in layout.send_to.items():
                 parts = []
                 for r in seqs:
-                    row = layout.own_row_start[layout.own.index(r.seq_index)]
+                    row = self.own_row[r.seq_index]
                     parts.append(q[row : row + r.num_queries].reshape(-1))
                     rows = [row + j for j in r.write_token_indices]
                     parts.append(k[rows].reshape(-1))
@@ -190,8 +198,7 @@ class DistributedAttention:
         t_own = layout.num_own_tokens
         partial_outs, partial_lses = [], []
         if num_own_seg_rows:
-            out = torch.zeros(t_own, self.hq, self.d, dtype=torch.float32, device=q.device)
-            lse = torch.full((t_own, self.hq), float("-inf"), dtype=torch.float32, device=q.device)
+            out, lse = self._empty_partial(t_own, q.device)
             out[self.own_seg_rows] = local_out[:num_own_seg_rows]
             lse[self.own_seg_rows] = local_lse[:num_own_seg_rows]
             partial_outs.append(out)
@@ -214,10 +221,9 @@ class DistributedAttention:
             partials = self.transport.exchange(replies, expected)
             for peer in sorted(layout.send_to):
                 flat, offset = partials[peer], 0
-                out = torch.zeros(t_own, self.hq, self.d, dtype=torch.float32, device=q.device)
-                lse = torch.full((t_own, self.hq), float("-inf"), dtype=torch.float32, device=q.device)
+                out, lse = self._empty_partial(t_own, q.device)
                 for r in layout.send_to[peer]:
-                    row = layout.own_row_start[layout.own.index(r.seq_index)]
+                    row = self.own_row[r.seq_index]
                     n_out = r.num_queries * self.hq * self.d
                     out[row : row + r.num_queries] = flat[offset : offset + n_out].view(-1, self.hq, self.d)
                     offset += n_out

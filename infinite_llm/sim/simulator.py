@@ -170,15 +170,6 @@ class Simulator:
         self.control_plane_s = 0.0  # host seconds spent in the control plane
         self._ran = False
 
-    def _home_stats(self) -> dict[int, tuple[int, int]]:
-        # The same load figures the engine reports with its heartbeats.
-        stats: dict[int, tuple[int, int]] = {}
-        for r in self.scheduler.running:
-            if r.home is not None:
-                n, t = stats.get(r.home, (0, 0))
-                stats[r.home] = (n + 1, t + r.num_tokens)
-        return stats
-
     def _make_request(self, item: TraceRequest) -> Request:
         params = SamplingParams(temperature=0.0, max_tokens=item.output_len, ignore_eos=True)
         return Request(
@@ -192,7 +183,7 @@ class Simulator:
     def step(self) -> list[Request]:
         """One engine step at the current simulated time; returns the requests it finished."""
         control_started = time.perf_counter()
-        self.kv.heartbeat(self.now, self._home_stats())
+        self.kv.heartbeat(self.now, self.scheduler.home_load())
         moves = self.migrations.plan_step(self.scheduler, self.num_steps)
         out = self.scheduler.schedule()
         out.plan.migrations = moves
