@@ -99,6 +99,9 @@ class ClusterConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill size)
+    # Largest prefill chunk one request may take per step (None: the whole budget). Lower it so
+    # that several prompts prefill side by side instead of one long prompt taking every step.
+    long_prefill_token_threshold: Optional[int] = None
     max_waiting: int = 1024  # bounded waiting queue (the server answers 429 past this)
 
 

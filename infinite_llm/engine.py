@@ -180,13 +180,15 @@ class LLMEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         now = time.monotonic()
         self.kv.heartbeat(now, self.scheduler.home_load())
-        moves = self.migrations.plan_step(self.scheduler, self.num_steps)
+        # Last step's block copies are done (each instance waits for its own before executing):
+        # point the tables at them before this step's plan is built from the tables.
+        self.migrations.commit_copies(self.scheduler)
         sched_out = self.scheduler.schedule()
-        sched_out.plan.migrations = moves
+        # New copies run in the background while the instances compute this step.
+        sched_out.plan.migrations = self.migrations.issue_copies(self.scheduler, self.num_steps)
         if sched_out.plan.is_empty():
             return outputs
         results = self.executor.execute(sched_out.plan)
-        self.migrations.step_done(moves)
         self.num_steps += 1
         now = time.monotonic()
         for request in self.scheduler.update(sched_out, results, now):

@@ -2,24 +2,29 @@
 
 Every `rebalance_interval_steps` steps (infinite policy only) the coordinator builds the
 gManager's view of the cluster, asks the greedy rebalancer for migration orders, and queues them.
-Each step it then emits at most the rate limit's worth of `BlockMove`s:
-- only full blocks (every slot computed) move: they are immutable, so a copy taken at the start
-  of a step is exact, and new tokens keep being appended on the home instance;
-- space on the target is reserved first; a failed reservation drops the order until the next
-  rebalancing round re-plans it;
-- the request's block table points at the new block from the same step on, and the old block is
-  released at once: the instances copy it out before any write of that step can reuse it.
+A block moves in two phases, so that its copy overlaps a step's compute instead of delaying it:
+- issue (`issue_copies`, after the step is scheduled): at most the rate limit's worth of full
+  blocks (every slot computed, hence immutable) get a block reserved on the target first (a failed
+  reservation drops the order until the next rebalancing round) and a `BlockMove` in the plan.
+  The instances copy them in the background while they compute the step; the request's block
+  table still points at the source, which nobody writes.
+- commit (`commit_copies`, before the next step is scheduled): the table switches to the copy and
+  the source is released. Each instance waits for its outstanding copies before it executes the
+  next plan, so neither the copy nor a reused source block can be touched early. A copy whose
+  request finished, was aborted or preempted meanwhile is dropped (its reservation went with the
+  request's other blocks).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from infinite_llm.config import ClusterConfig, EngineConfig, ModelConfig
 from infinite_llm.control.kv_manager import ClusterKVManager
 from infinite_llm.control.perf_model import PerfModel
-from infinite_llm.control.plan import BlockMove
+from infinite_llm.control.plan import BlockMove, BlockRef
 from infinite_llm.control.rebalancer import (
     InstanceView,
     Migration,
@@ -31,6 +36,16 @@ from infinite_llm.control.rebalancer import (
 
 if TYPE_CHECKING:
     from infinite_llm.control.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """A block copy issued this step, committed at the next."""
+
+    request_id: str
+    index: int  # position in the request's block table
+    src: BlockRef
+    dst: BlockRef
 
 
 @dataclass
@@ -65,7 +80,9 @@ class MigrationCoordinator:
         self.limiter = MigrationRateLimiter(tokens_per_step, kv.block_size)
         self.rebalancer_config = RebalancerConfig(block_size=kv.block_size)
         self.orders: list[_Order] = []
-        self.num_migrated_blocks = 0
+        self.in_flight: list[_Copy] = []
+        self.num_migrated_blocks = 0  # committed copies
+        self.num_dropped_copies = 0  # issued, but the request was gone by the commit
         self.num_failed_reservations = 0
 
     @classmethod
@@ -81,15 +98,12 @@ class MigrationCoordinator:
     # --------------------------------------------------------------- planning
     def cluster_view(self, scheduler: "Scheduler") -> tuple[list[InstanceView], list[RequestKV]]:
         bs = self.kv.block_size
-        batch = [0] * self.kv.num_instances
-        waiting = [0] * self.kv.num_instances
-        tokens = [0] * self.kv.num_instances
+        n = self.kv.num_instances
+        load = scheduler.home_load()
         requests: list[RequestKV] = []
         for r in scheduler.running:
             if r.home is None:
                 continue
-            batch[r.home] += 1
-            tokens[r.home] += r.num_tokens
             table = self.kv.block_table(r.request_id)
             by_instance: dict[int, int] = {}
             for ref in table:
@@ -103,29 +117,74 @@ class MigrationCoordinator:
                     num_full_blocks_at_home=sum(1 for ref in table[:full] if ref.instance == r.home),
                 )
             )
-        for r in scheduler.waiting:
-            # A waiting request's memory demand counts against the least-loaded instance it
-            # would be dispatched to; the rebalancer only needs the count.
-            target = r.home if r.home is not None else 0
-            waiting[target] += 1
+        waiting_count, waiting_tokens = self._waiting_by_instance(scheduler)
         views = []
         for i, rm in enumerate(self.kv.rmanagers):
+            batch, tokens = load.get(i, (0, 0))
+            # The size of a request this instance would admit: those waiting for it, else the
+            # ones it runs (a single long request there says little about the next one).
+            if waiting_count[i]:
+                avg = waiting_tokens[i] / waiting_count[i]
+            else:
+                avg = tokens / batch if batch else 0.0
             views.append(
                 InstanceView(
                     instance_id=i,
                     num_blocks=rm.pool.num_blocks,
                     num_free=rm.num_free,
                     lendable=rm.lendable,
-                    batch_size=batch[i],
-                    num_waiting_for_memory=waiting[i],
-                    avg_request_tokens=tokens[i] / batch[i] if batch[i] else 0.0,
+                    batch_size=batch,
+                    num_waiting_for_memory=waiting_count[i],
+                    avg_request_tokens=avg,
                 )
             )
+        assert len(views) == n
         return views, requests
 
-    def plan_step(self, scheduler: "Scheduler", step: int) -> list[BlockMove]:
+    def _waiting_by_instance(self, scheduler: "Scheduler") -> tuple[list[int], list[int]]:
+        """Waiting requests (and their tokens) per instance. A preempted request waits for its
+        home; one never dispatched goes where least-loaded dispatch would send it now (the most
+        free blocks, less what the requests placed before it in this estimate would take)."""
+        bs = self.kv.block_size
+        count = [0] * self.kv.num_instances
+        tokens = [0] * self.kv.num_instances
+        free = [(-rm.num_free, i) for i, rm in enumerate(self.kv.rmanagers)]
+        heapq.heapify(free)
+        for r in scheduler.waiting:
+            if r.home is not None:
+                target = r.home
+            else:
+                neg_free, target = heapq.heappop(free)
+                heapq.heappush(free, (neg_free + -(-r.num_tokens // bs), target))
+            count[target] += 1
+            tokens[target] += r.num_tokens
+        return count, tokens
+
+    def commit_copies(self, scheduler: "Scheduler") -> int:
+        """Point block tables at last step's copies and release the sources (call before
+        scheduling, so the step's plan reads the copies). Returns the number committed."""
+        copies, self.in_flight = self.in_flight, []
+        running = {r.request_id for r in scheduler.running}
+        committed = 0
+        for copy in copies:
+            if copy.request_id not in running or copy.dst not in self.kv.reservations(copy.request_id):
+                self.num_dropped_copies += 1
+                continue
+            table = self.kv.block_table(copy.request_id)
+            if table[copy.index] != copy.src:  # cannot happen while the request keeps running
+                raise RuntimeError(f"block table of {copy.request_id!r} changed under an in-flight copy")
+            self.kv.replace_block(copy.request_id, copy.index, copy.dst)
+            committed += 1
+        self.num_migrated_blocks += committed
+        return committed
+
+    def issue_copies(self, scheduler: "Scheduler", step: int) -> list[BlockMove]:
+        """Reserve targets and return this step's block copies (call after scheduling: a request
+        the scheduler preempted this step no longer runs and gets none)."""
         if not self.enabled:
             return []
+        if self.in_flight:
+            raise RuntimeError("commit_copies() must run before new copies are issued")
         if step % self.interval_steps == 0:
             views, requests = self.cluster_view(scheduler)
             self.orders = [
@@ -135,6 +194,7 @@ class MigrationCoordinator:
         budget = self.limiter.blocks_allowed_this_step()
         moves: list[BlockMove] = []
         running = {r.request_id: r for r in scheduler.running}
+        copying: dict[str, set[int]] = {}
         while self.orders and len(moves) < budget:
             order = self.orders[0]
             request = running.get(order.request_id)
@@ -143,7 +203,8 @@ class MigrationCoordinator:
                 continue
             table = self.kv.block_table(order.request_id)
             full = request.num_computed_tokens // self.kv.block_size
-            movable = [i for i in range(full) if table[i].instance == order.src]
+            busy = copying.setdefault(order.request_id, set())
+            movable = [i for i in range(full) if table[i].instance == order.src and i not in busy]
             if not movable:
                 self.orders.pop(0)
                 continue
@@ -155,16 +216,12 @@ class MigrationCoordinator:
                 continue
             # Move the request's latest full blocks first: the home keeps the prefix contiguous.
             index = movable[-1]
-            old = self.kv.replace_block(order.request_id, index, reserved[0])
-            moves.append(BlockMove(src=old, dst=reserved[0]))
+            busy.add(index)
+            self.in_flight.append(_Copy(order.request_id, index, table[index], reserved[0]))
+            moves.append(BlockMove(src=table[index], dst=reserved[0]))
             order.blocks_left -= 1
         self.limiter.record(len(moves))
-        self.num_migrated_blocks += len(moves)
         return moves
-
-    def step_done(self, moves: list[BlockMove]) -> None:
-        """Hook after the instances executed the step's moves (nothing to undo: tables already point
-        at the targets and the sources were released when the moves were issued)."""
 
     def forget(self, request_id: str) -> None:
         self.orders = [o for o in self.orders if o.request_id != request_id]

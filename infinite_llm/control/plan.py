@@ -60,8 +60,9 @@ class StepPlan:
     step_id: int
     block_size: int
     seqs: list[SeqWork] = field(default_factory=list)
-    # Executed before the forward pass; the control plane switches the request's block table
-    # to `dst` in the same plan, and frees `src` after the step.
+    # Block copies the instances run in the background during this step (the tables in `seqs`
+    # still point at `src`); each instance finishes its copies before it executes the next plan,
+    # whose tables point at `dst`.
     migrations: list[BlockMove] = field(default_factory=list)
 
     def is_empty(self) -> bool:

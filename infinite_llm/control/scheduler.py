@@ -2,7 +2,10 @@
 
 Every step the scheduler spends a token budget (`max_num_batched_tokens`):
 1. Running requests first, oldest first: one token each when decoding, or the next prompt chunk
-   when a prefill is unfinished. If the cluster KV manager cannot grow a request's block table,
+   when a prefill is unfinished. A prefill chunk never takes the tokens that the decoding requests
+   behind it need (one each), so a long prompt cannot stall other requests' decoding
+   (head-of-line blocking); `long_prefill_token_threshold` caps a chunk further. If the cluster
+   KV manager cannot grow a request's block table,
    the newest running request is preempted (its blocks freed, its KV recomputed later) until the
    older one fits. Older requests therefore always make progress: no livelock.
 2. Then waiting requests in FIFO order, each given a home instance (least loaded) and a first
@@ -41,6 +44,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: ClusterKVManager) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+        threshold = config.long_prefill_token_threshold
+        if threshold is not None and threshold < 1:
+            raise ValueError(f"long_prefill_token_threshold must be >= 1 or None, got {threshold}")
         self.config = config
         self.kv = kv
         self.block_size = kv.block_size
@@ -119,6 +128,12 @@ class Scheduler:
         ] or list(range(self.kv.num_instances))
         return max(candidates, key=lambda i: (self.kv.num_free_blocks(i), -homes[i], -i))
 
+    @staticmethod
+    def _is_decoding(request: Request) -> bool:
+        """Only the newest token is left to compute (a recomputing request after preemption is
+        still prefilling its prompt and earlier output)."""
+        return request.num_tokens - request.num_computed_tokens == 1
+
     def _preempt(self, victim: Request) -> None:
         """Preemption by recompute: drop the KV, requeue at the front of the waiting queue."""
         self.kv.free(victim.request_id)
@@ -135,11 +150,19 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
 
-        # 1. running requests, oldest first.
+        # 1. running requests, oldest first. `decodes_behind` counts the decoding requests after
+        #    the current one: a prefill chunk leaves one token of budget for each of them.
+        decodes_behind = sum(1 for r in self.running if self._is_decoding(r))
+        chunk_cap = self.config.long_prefill_token_threshold or budget
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            if self._is_decoding(request):
+                decodes_behind -= 1
+                num_new = min(remaining, budget)
+            else:
+                num_new = min(remaining, chunk_cap, max(1, budget - decodes_behind))
             if num_new <= 0:  # nothing to do (should not happen for a running request)
                 index += 1
                 continue
@@ -168,7 +191,7 @@ class Scheduler:
         ):
             request = self.waiting[0]
             home = request.home if request.home is not None else self._choose_home(request)
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, chunk_cap, budget)
             if not self.kv.allocate(request.request_id, home, request.num_computed_tokens + num_new):
                 break
             self.waiting.popleft()

@@ -26,6 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lend-fraction", type=float, default=0.9, help="share of an instance's blocks it may lend")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget (prefill chunk size)")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="largest prefill chunk one request takes per step (default: the whole budget)")
     g.add_argument("--max-waiting", type=int, default=1024, help="waiting-queue bound (HTTP 429 past it)")
     g.add_argument("--rebalance-interval-steps", type=int, default=8)
     g.add_argument("--migration-tokens-per-step", type=int, default=256)
@@ -56,6 +58,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
             max_waiting=args.max_waiting,
         ),
         seed=args.seed,

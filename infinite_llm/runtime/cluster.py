@@ -68,8 +68,12 @@ class _InstanceActor:
         _, model = load_model(self.model_path, device=device, dtype=self.dtype)
         model.eval()
         transport = TorchDistTransport(torch.device(device))
+        # A second group of all ranks: block copies run on their own thread beside the per-layer
+        # exchange, and must not share its message order.
+        copy_channel = TorchDistTransport(torch.device(device), group=dist.new_group(backend=backend))
         self.worker = InstanceWorker(
-            self.rank, self.model_config, self.cache_config, model, transport, device=device, seed=self.seed
+            self.rank, self.model_config, self.cache_config, model, transport, device=device, seed=self.seed,
+            copy_channel=copy_channel,
         )
         return os.getpid()
 
@@ -78,8 +82,12 @@ class _InstanceActor:
         return self.worker.execute(plan)
 
     def shutdown(self) -> None:
-        if self.worker is not None and self.worker.transport is not None:
-            self.worker.transport.close()
+        if self.worker is not None:
+            try:
+                self.worker.copier.wait()
+            finally:
+                if self.worker.transport is not None:
+                    self.worker.transport.close()
 
 
 class RayExecutor(Executor):

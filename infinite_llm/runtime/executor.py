@@ -55,11 +55,14 @@ class LocalExecutor(Executor):
         _, model = load_model(model_path, device=device, dtype=dtype)
         model.eval()
         self.mailboxes = LocalMailboxes(num_instances) if num_instances > 1 else None
+        # Block copies get their own mailboxes: they run beside the per-layer exchange.
+        self.copy_mailboxes = LocalMailboxes(num_instances) if num_instances > 1 else None
         self.workers = [
             InstanceWorker(
                 rank, model_config, cache_config, model,
                 LocalTransport(rank, self.mailboxes) if self.mailboxes else None,
                 device=device, seed=seed,
+                copy_channel=LocalTransport(rank, self.copy_mailboxes) if self.copy_mailboxes else None,
             )
             for rank in range(num_instances)
         ]
@@ -78,9 +81,10 @@ class LocalExecutor(Executor):
             except Exception as exc:  # noqa: BLE001 - re-raised below with the first cause
                 errors.append(exc)
         if errors:
-            assert self.mailboxes is not None
-            self.mailboxes.failed.clear()
-            self.mailboxes.drain()
+            for mailboxes in (self.mailboxes, self.copy_mailboxes):
+                assert mailboxes is not None
+                mailboxes.failed.clear()
+                mailboxes.drain()
             raise errors[0]
         return results
 
@@ -94,6 +98,11 @@ class LocalExecutor(Executor):
             raise
 
     def shutdown(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.copier.wait()
+            except RuntimeError:
+                pass  # a failed copy was already reported by the step that hit it, or is moot now
         if self.pool is not None:
             self.pool.shutdown(wait=False)
             self.pool = None

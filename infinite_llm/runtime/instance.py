@@ -1,7 +1,8 @@
 """An instance: model weights, its share of the paged KV cache, and execution of StepPlans.
 
 The instance makes no scheduling decision. Per step it
-1. performs the block migrations of the plan (the only time KV moves between instances),
+1. finishes the block copies of the previous plan and starts this plan's in the background
+   (migration, the only time KV moves between instances; `BlockCopier`),
 2. runs the non-attention layers for the requests homed here,
 3. in every layer, writes new tokens' K/V, ships queries to the instances holding blocks of its
    requests, serves guest queries with one batched MicroAttention together with its own, returns
@@ -18,6 +19,7 @@ import torch
 from infinite_llm.config import CacheConfig, ModelConfig
 from infinite_llm.control.plan import SampleResult, StepPlan
 from infinite_llm.kernels.dist_attention import micro_attention, scale_reduce
+from infinite_llm.runtime.block_copier import BlockCopier
 from infinite_llm.runtime.sampler import sample_tokens
 from infinite_llm.runtime.step_layout import StepLayout, build_step_layout
 from infinite_llm.runtime.transport import Transport
@@ -45,6 +47,7 @@ class PagedKVCache:
         )
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks_per_instance
+        self.dtype = dtype
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_hidden_layers)]
 
@@ -243,7 +246,8 @@ class InstanceWorker:
     """One instance's data plane. `model` may be shared read-only between in-process instances."""
 
     def __init__(self, rank: int, model_config: ModelConfig, cache_config: CacheConfig, model: torch.nn.Module,
-                 transport: Optional[Transport], device: str = "cpu", seed: int = 0):
+                 transport: Optional[Transport], device: str = "cpu", seed: int = 0,
+                 copy_channel: Optional[Transport] = None):
         self.rank = rank
         self.model_config = model_config
         self.device = torch.device(device)
@@ -251,35 +255,15 @@ class InstanceWorker:
         self.dtype = next(model.parameters()).dtype
         self.cache = PagedKVCache(model_config, cache_config, self.dtype, self.device)
         self.transport = transport
+        # Block migrations run beside the compute on their own channel (runtime/block_copier.py).
+        self.copier = BlockCopier(rank, self.cache, copy_channel, self.device)
         self.generator = torch.Generator().manual_seed(seed * 1000003 + rank)
-
-    def _migrate(self, plan: StepPlan) -> None:
-        """Copy full blocks for the plan's migrations; the only place KV crosses instances."""
-        outgoing: dict[int, list[torch.Tensor]] = {}
-        incoming: dict[int, list[int]] = {}
-        for move in plan.migrations:
-            if move.src.instance == self.rank and move.dst.instance == self.rank:
-                self.cache.load_block(move.dst.block, self.cache.block_payload(move.src.block))
-            elif move.src.instance == self.rank:
-                outgoing.setdefault(move.dst.instance, []).append(self.cache.block_payload(move.src.block))
-            elif move.dst.instance == self.rank:
-                incoming.setdefault(move.src.instance, []).append(move.dst.block)
-        if not outgoing and not incoming:
-            return
-        if self.transport is None:
-            raise RuntimeError("cross-instance migration needs a transport")
-        numel = self.cache.block_numel()
-        received = self.transport.exchange(
-            {peer: torch.cat(payloads) for peer, payloads in outgoing.items()},
-            {peer: (numel * len(blocks), self.dtype) for peer, blocks in incoming.items()},
-        )
-        for peer, blocks in incoming.items():
-            for i, block in enumerate(blocks):
-                self.cache.load_block(block, received[peer][i * numel : (i + 1) * numel])
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampleResult]:
-        self._migrate(plan)
+        # Last step's copies finish first: this plan's tables may read them, and may reuse their
+        # sources. Then this step's copies start beside the compute.
+        self.copier.start(plan.migrations)
         layout = build_step_layout(plan, self.rank)
         if not layout.own and not layout.recv_from:
             return []

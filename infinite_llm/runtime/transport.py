@@ -36,6 +36,10 @@ class Transport(ABC):
     def close(self) -> None:  # pragma: no cover - default no-op
         pass
 
+    def fail(self) -> None:
+        """Wake peers waiting on this instance's messages: it will not send them (best effort;
+        a process group relies on its own timeout)."""
+
 
 class LocalMailboxes:
     """The shared state of `LocalTransport`s: one FIFO queue per ordered (src, dst) pair."""
@@ -79,6 +83,9 @@ class LocalTransport(Transport):
         self.world_size = mailboxes.world_size
         self.mailboxes = mailboxes
 
+    def fail(self) -> None:
+        self.mailboxes.failed.set()
+
     def exchange(self, outgoing, expected):
         for peer, tensor in outgoing.items():
             self.mailboxes.put(self.rank, peer, tensor)
@@ -97,12 +104,15 @@ class LocalTransport(Transport):
 class TorchDistTransport(Transport):
     """Point-to-point exchange over an initialised torch.distributed process group."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, group=None) -> None:
+        """`group`: a process group of all ranks (default: the world group). A second group
+        gives an independent channel, e.g. for block copies running beside the exchange."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised")
         self._dist = dist
+        self.group = group
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device
@@ -116,13 +126,13 @@ class TorchDistTransport(Transport):
         for peer, (numel, dtype) in sorted(expected.items()):
             buffer = torch.empty(numel, dtype=dtype, device=self.device)
             received[peer] = buffer
-            requests.append(dist.irecv(buffer, src=peer))
+            requests.append(dist.irecv(buffer, src=peer, group=self.group))
         for peer, tensor in sorted(outgoing.items()):
-            requests.append(dist.isend(tensor.contiguous().to(self.device), dst=peer))
+            requests.append(dist.isend(tensor.contiguous().to(self.device), dst=peer, group=self.group))
         for request in requests:
             request.wait()
         return received
 
     def close(self) -> None:
-        if self._dist.is_initialized():
+        if self.group is None and self._dist.is_initialized():
             self._dist.destroy_process_group()

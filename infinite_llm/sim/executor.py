@@ -16,18 +16,22 @@ Per instance i (see `StepCostModel` for the parameters):
   (a prefill chunk of c tokens over k KV tokens is c * k; the causal triangle inside the chunk
   is not subtracted). Reading bounds decode, FLOPs bound long prefill chunks: a roofline.
 - communication_i: DistAttention ships each query token of a request to every other instance
-  holding some of its KV and gets (out, lse) back; a migration copies a whole block. Bytes go
-  over NVLink inside a node and the network across nodes; an instance's time is the larger of
-  its send and receive directions (links are full duplex), plus, if it talks to any peer, two
-  message latencies per layer (query out, partial back) at its slowest link -- or, with
-  `latency_per_peer` (instances as threads on a few cores), summed over its peers.
+  holding some of its KV and gets (out, lse) back. Bytes go over NVLink inside a node and the
+  network across nodes; an instance's time is the larger of its send and receive directions
+  (links are full duplex), plus, if it talks to any peer, two message latencies per layer (query
+  out, partial back) at its slowest link -- or, with `latency_per_peer` (instances as threads
+  on a few cores), summed over its peers.
+- migrations copy whole blocks in the background while the step computes (the engine commits
+  them at the next step), so they only lengthen t_i when i's links, shared with the attention
+  traffic, need longer than the compute: t_i = max(t_i, link_busy_i).
 
 The step takes max_i t_i ("lockstep": one accelerator per instance; the engine runs all
 instances in lockstep) or, for instances that are threads sharing a few CPU cores,
 max(max_i t_i, sum_i t_i / host_lanes) * (1 + contention * max(0, busy instances - host_cores))
 ("shared_host", fitted on this machine by benchmarks/bench_sim_validation.py).
 
-Simplified on purpose: no overlap of communication with compute (pessimistic for remote KV);
+Simplified on purpose: no overlap of attention communication with compute (pessimistic for
+remote KV);
 no link contention beyond one instance's own send/receive totals (no switch or NIC sharing
 between the GPUs of a node); no tensor-parallel communication; per-layer latency is paid once
 per step for all peers together (messages to different peers go out in parallel).
@@ -156,13 +160,16 @@ class SimulatedExecutor:
                     peers[instance][home] = latency
 
         block_bytes = bs * cost.kv_bytes_per_token
+        # Link use including the background block copies (which share the links).
+        link_sent = [list(x) for x in sent]
+        link_received = [list(x) for x in received]
         for move in plan.migrations:
             src, dst = move.src.instance, move.dst.instance
             self._check_instance(src, "migration")
             self._check_instance(dst, "migration")
             link = 0 if cost.same_node(src, dst) else 1
-            sent[src][link] += block_bytes
-            received[dst][link] += block_bytes
+            link_sent[src][link] += block_bytes
+            link_received[dst][link] += block_bytes
         migration_bytes = block_bytes * len(plan.migrations)
 
         perf = cost.perf
@@ -183,7 +190,14 @@ class SimulatedExecutor:
             else:
                 latency = max(peers[i].values())
             communication.append(max(out_time, in_time) + 2 * cost.num_layers * latency)
-        instance_time = [a + b + c for a, b, c in zip(non_attention, attention, communication)]
+        link_busy = [
+            max(link_sent[i][0] / bw[0] + link_sent[i][1] / bw[1],
+                link_received[i][0] / bw[0] + link_received[i][1] / bw[1])
+            for i in range(n)
+        ]
+        instance_time = [
+            max(a + b + c, busy) for a, b, c, busy in zip(non_attention, attention, communication, link_busy)
+        ]
         slowest = max(instance_time) if instance_time else 0.0
         if cost.combine == "shared_host":
             busy = sum(1 for t in instance_time if t > 0)

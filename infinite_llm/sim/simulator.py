@@ -2,8 +2,8 @@
 
 The simulator drives the engine's own control-plane objects -- `Scheduler`,
 `ClusterKVManager` (rManagers + gManager) and `MigrationCoordinator` -- exactly the way
-`LLMEngine.step` does (heartbeat -> migrations.plan_step -> scheduler.schedule ->
-executor.execute -> scheduler.update), and replaces only the executor by
+`LLMEngine.step` does (heartbeat -> migrations.commit_copies -> scheduler.schedule ->
+migrations.issue_copies -> executor.execute -> scheduler.update), and replaces only the executor by
 `SimulatedExecutor`, which prices the plan with a performance model instead of running it.
 
 Time is simulated: a request of the trace is added to the scheduler when the clock reaches its
@@ -184,14 +184,13 @@ class Simulator:
         """One engine step at the current simulated time; returns the requests it finished."""
         control_started = time.perf_counter()
         self.kv.heartbeat(self.now, self.scheduler.home_load())
-        moves = self.migrations.plan_step(self.scheduler, self.num_steps)
+        self.migrations.commit_copies(self.scheduler)
         out = self.scheduler.schedule()
-        out.plan.migrations = moves
+        out.plan.migrations = self.migrations.issue_copies(self.scheduler, self.num_steps)
         if out.plan.is_empty():
             return []
         control_s = time.perf_counter() - control_started
         results = self.executor.execute(out.plan)
-        self.migrations.step_done(moves)
         self.num_steps += 1
         timing = self.executor.last_timing
         assert timing is not None

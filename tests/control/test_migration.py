@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.kv_manager import ClusterKVManager
 from infinite_llm.control.migration import MigrationCoordinator, _Order, default_perf_model
@@ -21,22 +23,49 @@ def _setup(blocks=16, tokens_per_step=8, block_size=4):
     return kv, sched, coord
 
 
-def test_moves_full_blocks_within_rate_limit():
+def test_copies_are_issued_within_rate_limit_and_committed_next_step():
     kv, sched, coord = _setup(tokens_per_step=8)  # 8 tokens / 4 per block = 2 blocks per step
     home = sched.requests["r"].home
     coord.orders = [_Order("r", src=home, dst=1 - home, blocks_left=5)]
-    moves = coord.plan_step(sched, step=1)
+    before = kv.block_table("r")
+    moves = coord.issue_copies(sched, step=1)
     assert len(moves) == 2
+    # Issued, not committed: the step that copies still reads the sources.
+    assert kv.block_table("r") == before
+    assert set(kv.reservations("r")) == {m.dst for m in moves}
     full = sched.requests["r"].num_computed_tokens // kv.block_size
-    table = kv.block_table("r")
     for m in moves:
         assert m.src.instance == home and m.dst.instance == 1 - home
-        index = table.index(m.dst)
-        assert index < full  # only full, immutable blocks move
+        assert before.index(m.src) < full  # only full, immutable blocks move
     kv.check_invariants()
-    assert len(coord.plan_step(sched, step=2)) == 2
-    assert len(coord.plan_step(sched, step=3)) == 1  # order exhausted after 5 blocks
+    with pytest.raises(RuntimeError, match="commit_copies"):
+        coord.issue_copies(sched, step=2)
+
+    assert coord.commit_copies(sched) == 2
+    table = kv.block_table("r")
+    for m in moves:
+        assert table[before.index(m.src)] == m.dst
+    assert kv.reservations("r") == []
+    assert kv.num_used_blocks(home) == len(before) - 2
+    kv.check_invariants()
+    assert len(coord.issue_copies(sched, step=2)) == 2
+    coord.commit_copies(sched)
+    assert len(coord.issue_copies(sched, step=3)) == 1  # order exhausted after 5 blocks
+    coord.commit_copies(sched)
     assert coord.num_migrated_blocks == 5
+
+
+def test_copy_of_a_request_that_finished_before_the_commit_is_dropped():
+    kv, sched, coord = _setup()
+    home = sched.requests["r"].home
+    coord.orders = [_Order("r", src=home, dst=1 - home, blocks_left=2)]
+    assert len(coord.issue_copies(sched, step=1)) == 2
+    sched.abort("r")  # frees its blocks and its reservations
+    coord.forget("r")
+    assert coord.commit_copies(sched) == 0
+    assert coord.num_dropped_copies == 2 and coord.num_migrated_blocks == 0
+    assert kv.num_used_blocks() == 0
+    kv.check_invariants()
 
 
 def test_failed_reservation_drops_order_until_next_round():
@@ -47,7 +76,25 @@ def test_failed_reservation_drops_order_until_next_round():
     kv.allocate("filler", other, kv.block_size * kv.rmanagers[other].pool.num_free)
     coord.orders = [_Order("r", src=home, dst=other, blocks_left=3)]
     before = kv.block_table("r")
-    assert coord.plan_step(sched, step=1) == []
+    assert coord.issue_copies(sched, step=1) == []
     assert coord.num_failed_reservations == 1 and coord.orders == []
+    assert coord.commit_copies(sched) == 0
     assert kv.block_table("r") == before
     kv.check_invariants()
+
+
+def test_view_sends_undispatched_waiting_requests_where_dispatch_would():
+    kv, sched, coord = _setup(blocks=16)
+    home = sched.requests["r"].home  # r holds 8 of its home's 16 blocks
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for i, n in enumerate((20, 20, 20)):  # 5 blocks each
+        sched.add_request(Request(f"w{i}", list(range(1, n + 1)), params, 0.0, 10**9))
+    views, requests = coord.cluster_view(sched)
+    other = 1 - home
+    # 16 free vs 8 free: w0 and w1 go to the empty instance (16 -> 11 -> 6), then w2 to r's home
+    # (8 free > 6).
+    assert views[other].num_waiting_for_memory == 2
+    assert views[home].num_waiting_for_memory == 1
+    assert views[other].avg_request_tokens == 20 and views[home].avg_request_tokens == 20
+    assert views[home].batch_size == 1 and views[other].batch_size == 0
+    assert [r.request_id for r in requests] == ["r"]

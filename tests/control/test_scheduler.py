@@ -56,6 +56,37 @@ def test_decode_batches_all_running_requests():
     assert all(len(w.token_ids) == 1 for w in out.plan.seqs)
 
 
+def test_long_prefill_threshold_admits_others_and_decodes_never_stall():
+    s = make(blocks=64, budget=16)
+    s.config.long_prefill_token_threshold = 8
+    s.add_request(req("long", 100, max_tokens=2))
+    s.add_request(req("short", 4, max_tokens=20))
+    out = run_step(s)
+    assert [(w.request_id, len(w.token_ids)) for w in out.plan.seqs] == [("long", 8), ("short", 4)]
+    # Without the cap the older prefill would take the whole budget; it still leaves one token
+    # for the decoding request behind it.
+    s.config.long_prefill_token_threshold = None
+    while s.requests["long"].num_computed_tokens < 100:
+        out = run_step(s)
+        chunks = {w.request_id: len(w.token_ids) for w in out.plan.seqs}
+        assert chunks["short"] == 1
+        assert chunks["long"] <= 15
+    assert len(s.requests["short"].output_token_ids) >= 7
+
+
+def test_recomputing_request_is_not_treated_as_decoding():
+    s = make(budget=16)
+    assert not Scheduler._is_decoding(req("fresh", 5))
+    r = req("r", 5)
+    r.output_token_ids = [1, 2, 3]
+    r.num_computed_tokens = 7  # prompt and two outputs computed: only the newest token is left
+    assert Scheduler._is_decoding(r)
+    r.num_computed_tokens = 0  # preempted: everything is recomputed in chunks
+    assert not Scheduler._is_decoding(r)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        Scheduler(SchedulerConfig(long_prefill_token_threshold=0), s.kv)
+
+
 def test_preemption_by_recompute_newest_first():
     # 6 blocks of 4 tokens = 24 slots; three requests of 8 prompt tokens need 3x(8+4) = 36.
     s = make(blocks=6, budget=64)

@@ -165,12 +165,22 @@ def test_executor_charges_remote_kv_and_migrations_on_the_right_links():
     assert t.attention_s == pytest.approx([0.04, 0.04, 0.02])
     assert t.attention_bytes == 2 * (10 + 12)
     assert t.migration_bytes == 4 * 100
-    # Instance 2: query in (10 B) over the network and the migrated block (400 B); partial out
-    # (12 B); plus 2 messages x 2 layers x 1 s of inter-node latency.
-    assert t.communication_s[2] == pytest.approx(max(12 / 100, (10 + 400) / 100) + 4 * 1.0)
+    # Instance 2: query in (10 B) over the network, partial out (12 B), plus 2 messages x 2
+    # layers x 1 s of inter-node latency. The migrated block (400 B) is copied in the background.
+    assert t.communication_s[2] == pytest.approx(max(12 / 100, 10 / 100) + 4 * 1.0)
+    assert t.instance_time_s[2] == pytest.approx(0.02 + 4.12)  # the copy (4.1 s of link) is hidden
     # Instance 1 only talks to instance 0 over NVLink.
     assert t.communication_s[1] == pytest.approx(max(12 / 1000, 10 / 1000) + 4 * 0.5)
     assert ex.totals.migrated_blocks == 1
+
+    # Five blocks need 20 s of the network link: longer than instance 2's compute, so the copy,
+    # sharing the link with the query, sets its time.
+    plan.migrations = [BlockMove(BlockRef(0, 5 + i), BlockRef(2, 7 + i)) for i in range(5)]
+    ex.execute(plan)
+    t = ex.last_timing
+    assert t.instance_time_s[2] == pytest.approx((10 + 5 * 400) / 100)
+    # Instance 0 sends a query over NVLink and a query plus the five blocks over the network.
+    assert t.instance_time_s[0] == pytest.approx(10 / 1000 + (10 + 2000) / 100)
 
 
 def test_shared_host_adds_up_instances_that_share_cores():
