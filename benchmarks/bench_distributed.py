@@ -9,6 +9,10 @@ with a request's KV split over 2 instances vs all local, measured side by side i
 2. One request of --context tokens decodes with all its KV on its home instance, then with the
    home's budget cut so half of its blocks live on the other instance; the ratio of median decode
    step times is printed (the cost of query shipping + ScaleReduce).
+3. (local backend) A decode step on 2 instances with --migrate-blocks block copies each way run
+   in the background beside it, vs the same step alone and the copies alone (each timed until
+   the copies are done). Printed: with-copies / alone, and with-copies / (alone + copies-alone),
+   i.e. how much of the copy time the overlap hides (1.0 = none, serial).
 """
 
 from __future__ import annotations
@@ -21,17 +25,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from infinite_llm.bench.profile import GridPoint, build_plan, time_step  # noqa: E402
+from infinite_llm.control.plan import BlockMove, BlockRef, StepPlan  # noqa: E402
 from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from infinite_llm.engine import LLMEngine  # noqa: E402
 from infinite_llm.sampling import SamplingParams  # noqa: E402
 
 
-def make_engine(args, instances: int, blocks: int, lend_fraction: float = 0.9) -> LLMEngine:
+def make_engine(args, instances: int, blocks: int, lend_fraction: float = 0.9,
+                migration_tokens_per_step: int = 256) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=args.model,
             cache=CacheConfig(block_size=args.block_size, num_blocks_per_instance=blocks, lend_fraction=lend_fraction),
-            cluster=ClusterConfig(num_instances=instances, backend=args.backend, placement="infinite"),
+            cluster=ClusterConfig(num_instances=instances, backend=args.backend, placement="infinite",
+                                  migration_tokens_per_step=migration_tokens_per_step),
             scheduler=SchedulerConfig(max_num_batched_tokens=args.chunk),
         )
     )
@@ -81,6 +89,48 @@ def decode_latency(args, split: bool) -> float:
         engine.shutdown()
 
 
+def migration_overlap(args) -> tuple[float, float, float]:
+    """Median times of (decode step, the same step with --migrate-blocks block copies each way
+    in the background, the copies alone), each until the copies are done, interleaved rounds."""
+    bs = args.block_size
+    point = GridPoint(batch_size=args.batch, chunk=1, context_len=args.context)
+    used = args.batch * -(-args.context // bs)
+    k = args.migrate_blocks
+    engine = make_engine(args, 2, used + k)
+    try:
+        # A decode batch homed on each instance, all KV local: the copies change no placement.
+        seqs = []
+        for instance in (0, 1):
+            for work in build_plan(point, bs, instance=instance).seqs:
+                work.request_id += f"-{instance}"
+                seqs.append(work)
+        # Copies between blocks nobody reads this step (past the batch's blocks), both ways.
+        moves = [BlockMove(BlockRef(src, used + i), BlockRef(1 - src, used + i)) for src in (0, 1) for i in range(k)]
+        plans = {
+            "decode": StepPlan(step_id=0, block_size=bs, seqs=seqs),
+            "decode+copies": StepPlan(step_id=0, block_size=bs, seqs=seqs, migrations=moves),
+            "copies": StepPlan(step_id=0, block_size=bs, migrations=moves),
+        }
+        workers = engine.executor.workers
+
+        def run_and_finish_copies(plan: StepPlan) -> None:
+            engine.executor.execute(plan)
+            for worker in workers:
+                worker.copier.wait()
+
+        for plan in plans.values():
+            run_and_finish_copies(plan)  # warm-up
+        rounds: dict[str, list[float]] = {name: [] for name in plans}
+        for _ in range(args.decode_steps):
+            for name, plan in plans.items():
+                rounds[name].append(time_step(run_and_finish_copies, plan, warmup=0, repeats=1))
+        block_kib = engine.model_config.kv_bytes_per_token() * bs / 1024
+        print(f"  batch {args.batch} per instance, {k} blocks ({block_kib:.0f} KiB each) copied each way per step")
+        return tuple(statistics.median(rounds[name]) for name in plans)  # type: ignore[return-value]
+    finally:
+        engine.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="default")
@@ -91,6 +141,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens per step)")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=24)
+    parser.add_argument("--migrate-blocks", type=int, default=8, help="blocks copied each way per step in part 3")
+    parser.add_argument("--batch", type=int, default=4, help="decode batch per instance in part 3")
     args = parser.parse_args()
 
     print(f"== max context served (budget {args.blocks} blocks x {args.block_size} tokens per instance, backend {args.backend})")
@@ -103,6 +155,14 @@ def main() -> None:
     local = decode_latency(args, split=False)
     split = decode_latency(args, split=True)
     print(f"  ratio split/local decode step time = {split / local:.2f}")
+
+    if args.backend == "local":
+        print(f"== decode while migrating, context {args.context} tokens, 2 instances, {args.decode_steps} rounds")
+        plain, overlapped, copy_only = migration_overlap(args)
+        print(f"  decode step {plain * 1e3:.2f} ms; with background copies {overlapped * 1e3:.2f} ms; "
+              f"copy-only step {copy_only * 1e3:.2f} ms")
+        print(f"  ratio with-migration/without = {overlapped / plain:.2f}; "
+              f"overlapped/serial (step + copy-only) = {overlapped / (plain + copy_only):.2f}")
 
 
 if __name__ == "__main__":
