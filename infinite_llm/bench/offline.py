@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
-import json
 import random
 import time
 from collections import deque
@@ -24,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from infinite_llm.bench.cli_common import build_workload_trace, comma_separated_subset, write_json
 from infinite_llm.bench.profile import set_cpu_threads, torch_threads
-from infinite_llm.bench.workloads import TraceRequest, WorkloadSpec, make_trace, paper_workloads
+from infinite_llm.bench.workloads import TraceRequest, paper_workloads
 from infinite_llm.config import EngineConfig
 from infinite_llm.sampling import SamplingParams
 
@@ -307,7 +306,6 @@ def compare_policies(
         from infinite_llm.bench.plots import plot_policies
 
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         json_path = out / f"{name}.json"
         plot_path = out / f"{name}.png"
         payload = {
@@ -325,7 +323,7 @@ def compare_policies(
             "ratios": ratios,
             "timelines": {p: [asdict(s) for s in r.timeline] for p, r in results.items()},
         }
-        json_path.write_text(json.dumps(payload, indent=1))
+        write_json(json_path, payload)  # creates `out`, before the plot goes there
         plot_policies(list(results.values()), plot_path, title=name)
     return {"results": results, "ratios": ratios, "json_path": json_path, "plot_path": plot_path}
 
@@ -351,12 +349,8 @@ def format_report(results: dict[str, PolicyResult], ratios: dict[str, dict[str, 
 
 
 # ---------------------------------------------------------------------------- CLI
-def _policy_list(text: str) -> list[str]:
-    policies = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
-    if not policies or unknown:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(POLICIES)}, got {text!r}")
-    return policies
+# A policy listed twice passes the parser: compare_policies refuses it, with its own message.
+_policy_list = comma_separated_subset(POLICIES, reject_repeats=False)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -377,17 +371,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_trace(workload: str, num_requests: int, request_rate: float, seed: int) -> list[TraceRequest]:
-    specs = paper_workloads("local")
-    if workload not in specs:
-        raise ValueError(f"unknown workload {workload!r}; choose from {sorted(specs)}")
-    if num_requests < 1:
-        raise ValueError(f"--num-requests must be >= 1, got {num_requests}")
-    if not request_rate > 0:
-        raise ValueError(f"--request-rate must be > 0, got {request_rate}")
-    spec: WorkloadSpec = dataclasses.replace(
-        specs[workload], num_requests=num_requests, request_rate=request_rate, seed=seed
-    )
-    return make_trace(spec)
+    """The local-scale trace of `workload` with the given size, rate and seed."""
+    return build_workload_trace("local", workload, num_requests, request_rate, seed)
 
 
 def main_from_args(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from infinite_llm.bench.cli_common import ensure_parent_dir, positive_int_list
 from infinite_llm.config import EngineConfig
 from infinite_llm.control.perf_model import PerfModel, ProfileSample
 from infinite_llm.control.plan import BlockRef, SeqWork, StepPlan
@@ -264,30 +265,18 @@ def profile_engine(
     samples = collect_samples(engine_config, grid, warmup=warmup, repeats=repeats, progress=progress)
     model = fit_profile(samples, engine_config)
     if output_path is not None:
-        path = Path(output_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        model.save(path)
+        model.save(ensure_parent_dir(output_path))
     return model
 
 
 # ---------------------------------------------------------------------------- CLI
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("profile")
-    g.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES),
+    g.add_argument("--batch-sizes", type=positive_int_list, default=list(DEFAULT_BATCH_SIZES),
                    help="sequences per step to profile (comma-separated)")
-    g.add_argument("--context-lens", type=_int_list, default=list(DEFAULT_CONTEXT_LENS),
+    g.add_argument("--context-lens", type=positive_int_list, default=list(DEFAULT_CONTEXT_LENS),
                    help="context lengths (KV tokens read per sequence) of the decode steps")
-    g.add_argument("--prefill-chunks", type=_int_list, default=list(DEFAULT_PREFILL_CHUNKS),
+    g.add_argument("--prefill-chunks", type=positive_int_list, default=list(DEFAULT_PREFILL_CHUNKS),
                    help="prompt lengths per sequence of the first-chunk prefill steps")
     g.add_argument("--warmup", type=int, default=2, help="untimed executions per shape")
     g.add_argument("--repeats", type=int, default=7, help="timed executions per shape (median kept)")
@@ -308,8 +297,7 @@ def main_from_args(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     samples = collect_samples(config, grid, warmup=args.warmup, repeats=args.repeats, progress=True)
     model = fit_profile(samples, config)
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = ensure_parent_dir(args.output)
     model.save(path)
     quality = fit_quality(model, samples)
 

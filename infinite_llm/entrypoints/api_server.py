@@ -16,11 +16,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infinite_llm.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 # One HTTP request may fan out to at most this many engine requests (prompts x n).
 MAX_CHOICES_PER_REQUEST = 64
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SSE_DONE = "data: [DONE]\n\n"
 
 
 class APIError(Exception):
@@ -341,30 +343,28 @@ def build_app(engine: AsyncLLMEngine) -> FastAPI:
         _check_n(body.n, len(prompts))
         base_id = f"cmpl-{uuid.uuid4().hex}"
         choices = _plan_choices(base_id, prompts, body.n, body.to_sampling_params)
-        _ensure_healthy(engine)
-        streams = await _admit(engine, choices, arrival)
-        created = int(time.time())
-        echo_text = [_prompt_text(engine, p) if body.echo else "" for p in prompts]
 
-        if body.stream:
-            return StreamingResponse(
-                _completion_events(engine, body, base_id, created, choices, streams, echo_text),
-                media_type="text/event-stream", headers=_SSE_HEADERS,
+        def echo_text() -> list[str]:
+            # Decoded only once the engine admitted the prompts, so a bad token id gets the
+            # engine's 400, not a decoding error.
+            return [_prompt_text(engine, p) if body.echo else "" for p in prompts]
+
+        def events(created: int, streams: list[RequestStream]) -> AsyncIterator[str]:
+            return _completion_events(engine, body, base_id, created, choices, streams, echo_text())
+
+        def response(created: int, by_index: dict[int, RequestOutput]) -> CompletionResponse:
+            echo = echo_text()
+            return CompletionResponse(
+                id=base_id, created=created, model=engine.model_name,
+                choices=[
+                    CompletionChoice(index=c.index, text=echo[c.prompt_index] + by_index[c.index].text,
+                                     finish_reason=by_index[c.index].finish_reason)
+                    for c in choices
+                ],
+                usage=_usage(choices, by_index),
             )
-        outputs = await _collect_unless_disconnected(request, streams)
-        if outputs is None:
-            return Response(status_code=499)
-        by_index = {c.index: o for c, o in zip(choices, outputs)}
-        response = CompletionResponse(
-            id=base_id, created=created, model=engine.model_name,
-            choices=[
-                CompletionChoice(index=c.index, text=echo_text[c.prompt_index] + by_index[c.index].text,
-                                 finish_reason=by_index[c.index].finish_reason)
-                for c in choices
-            ],
-            usage=_usage(choices, by_index),
-        )
-        return JSONResponse(response.model_dump())
+
+        return await _serve_choices(engine, request, choices, arrival, body.stream, events, response)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -385,29 +385,22 @@ def build_app(engine: AsyncLLMEngine) -> FastAPI:
         _check_n(body.n, 1)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = _plan_choices(base_id, [prompt_ids], body.n, body.to_sampling_params)
-        _ensure_healthy(engine)
-        streams = await _admit(engine, choices, arrival)
-        created = int(time.time())
 
-        if body.stream:
-            return StreamingResponse(
-                _chat_events(engine, body, base_id, created, choices, streams),
-                media_type="text/event-stream", headers=_SSE_HEADERS,
+        def events(created: int, streams: list[RequestStream]) -> AsyncIterator[str]:
+            return _chat_events(engine, body, base_id, created, choices, streams)
+
+        def response(created: int, by_index: dict[int, RequestOutput]) -> ChatCompletionResponse:
+            return ChatCompletionResponse(
+                id=base_id, created=created, model=engine.model_name,
+                choices=[
+                    ChatChoice(index=c.index, message=AssistantMessage(content=by_index[c.index].text),
+                               finish_reason=by_index[c.index].finish_reason)
+                    for c in choices
+                ],
+                usage=_usage(choices, by_index),
             )
-        outputs = await _collect_unless_disconnected(request, streams)
-        if outputs is None:
-            return Response(status_code=499)
-        by_index = {c.index: o for c, o in zip(choices, outputs)}
-        response = ChatCompletionResponse(
-            id=base_id, created=created, model=engine.model_name,
-            choices=[
-                ChatChoice(index=c.index, message=AssistantMessage(content=by_index[c.index].text),
-                           finish_reason=by_index[c.index].finish_reason)
-                for c in choices
-            ],
-            usage=_usage(choices, by_index),
-        )
-        return JSONResponse(response.model_dump())
+
+        return await _serve_choices(engine, request, choices, arrival, body.stream, events, response)
 
     return app
 
@@ -418,17 +411,81 @@ def _ensure_healthy(engine: AsyncLLMEngine) -> None:
                        code="engine_dead")
 
 
+async def _serve_choices(
+    engine: AsyncLLMEngine,
+    request: Request,
+    choices: list[_Choice],
+    arrival: float,
+    stream: bool,
+    events: Callable[[int, list[RequestStream]], AsyncIterator[str]],
+    response: Callable[[int, dict[int, RequestOutput]], BaseModel],
+) -> Response:
+    """Admit `choices` and answer with them: the skeleton both endpoints share.
+
+    Streaming: `events(created, streams)` is served as server-sent events (the generator aborts
+    the requests however it ends). Otherwise every final output is awaited and
+    `response(created, {choice index: output})` is sent as JSON, unless the client disconnects
+    first: then every request is aborted (freeing its KV blocks) and 499 is returned.
+    """
+    _ensure_healthy(engine)
+    streams = await _admit(engine, choices, arrival)
+    created = int(time.time())
+    if stream:
+        return StreamingResponse(events(created, streams), media_type="text/event-stream", headers=_SSE_HEADERS)
+    outputs = await _collect_unless_disconnected(request, streams)
+    if outputs is None:
+        return Response(status_code=499)
+    by_index = {c.index: o for c, o in zip(choices, outputs)}
+    return JSONResponse(response(created, by_index).model_dump())
+
+
 def _prompt_text(engine: AsyncLLMEngine, prompt: Union[str, list[int]]) -> str:
     return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
 
 
-async def _completion_events(
+async def _sse_stream(
+    choices: list[_Choice],
+    streams: list[RequestStream],
+    deltas: list[_TextDelta],
+    include_usage: bool,
+    chunk: Callable[[list, Optional[UsageInfo]], str],
+    chunks_for: Callable[[_Choice, str, RequestOutput], list[str]],
+    opening: Sequence[str] = (),
+) -> AsyncIterator[str]:
+    """The event stream both endpoints share; they differ only in how a chunk looks.
+
+    Yields `opening`, then `chunks_for(choice, new text, output)` for every output as it comes,
+    then (with `include_usage`) a usage chunk, then `[DONE]`. An engine that dies mid-stream
+    becomes an error event followed by `[DONE]`, since the 200 status is already sent.
+    """
+    final: dict[int, RequestOutput] = {}
+    try:
+        for event in opening:
+            yield event
+        async for position, output in _merge(streams):
+            c = choices[position]
+            text = deltas[position].update(output)
+            if output.finished:
+                final[c.index] = output
+            for event in chunks_for(c, text, output):
+                yield event
+        if include_usage:
+            yield chunk([], _usage(choices, final))
+        yield _SSE_DONE
+    except EngineDeadError as exc:
+        yield _sse_error(exc)
+        yield _SSE_DONE
+    finally:
+        # Runs on normal end, on error and when the client disconnects (the task is cancelled).
+        for stream in streams:
+            stream.abort()
+
+
+def _completion_events(
     engine: AsyncLLMEngine, body: CompletionRequest, base_id: str, created: int,
     choices: list[_Choice], streams: list[RequestStream], echo_text: list[str],
 ) -> AsyncIterator[str]:
     include_usage = body.include_usage_in_stream
-    deltas = [_TextDelta(c.params.stop, echo_text[c.prompt_index]) for c in choices]
-    final: dict[int, RequestOutput] = {}
 
     def chunk(choice_list: list[CompletionChoice], usage: Optional[UsageInfo] = None) -> str:
         payload = CompletionChunk(id=base_id, created=created, model=engine.model_name,
@@ -437,34 +494,21 @@ async def _completion_events(
             payload.pop("usage")
         return _sse(payload)
 
-    try:
-        async for position, output in _merge(streams):
-            c = choices[position]
-            text = deltas[position].update(output)
-            if output.finished:
-                final[c.index] = output
-            if text or output.finished:
-                yield chunk([CompletionChoice(index=c.index, text=text,
-                                              finish_reason=output.finish_reason if output.finished else None)])
-        if include_usage:
-            yield chunk([], _usage(choices, final))
-        yield "data: [DONE]\n\n"
-    except EngineDeadError as exc:
-        yield _sse_error(exc)
-        yield "data: [DONE]\n\n"
-    finally:
-        # Runs on normal end, on error and when the client disconnects (the task is cancelled).
-        for stream in streams:
-            stream.abort()
+    def chunks_for(c: _Choice, text: str, output: RequestOutput) -> list[str]:
+        if not (text or output.finished):
+            return []
+        finish_reason = output.finish_reason if output.finished else None
+        return [chunk([CompletionChoice(index=c.index, text=text, finish_reason=finish_reason)])]
+
+    deltas = [_TextDelta(c.params.stop, echo_text[c.prompt_index]) for c in choices]
+    return _sse_stream(choices, streams, deltas, include_usage, chunk, chunks_for)
 
 
-async def _chat_events(
+def _chat_events(
     engine: AsyncLLMEngine, body: ChatCompletionRequest, base_id: str, created: int,
     choices: list[_Choice], streams: list[RequestStream],
 ) -> AsyncIterator[str]:
     include_usage = body.include_usage_in_stream
-    deltas = [_TextDelta(c.params.stop) for c in choices]
-    final: dict[int, RequestOutput] = {}
 
     def chunk(choice_list: list[ChatChunkChoice], usage: Optional[UsageInfo] = None) -> str:
         payload = ChatCompletionChunk(id=base_id, created=created, model=engine.model_name,
@@ -475,27 +519,20 @@ async def _chat_events(
             payload.pop("usage")
         return _sse(payload)
 
-    try:
-        for c in choices:  # the role comes first, once per choice
-            yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
-        async for position, output in _merge(streams):
-            c = choices[position]
-            text = deltas[position].update(output)
-            if output.finished:
-                final[c.index] = output
-            if text:
-                yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(content=text))])
-            if output.finished:
-                yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=output.finish_reason)])
-        if include_usage:
-            yield chunk([], _usage(choices, final))
-        yield "data: [DONE]\n\n"
-    except EngineDeadError as exc:
-        yield _sse_error(exc)
-        yield "data: [DONE]\n\n"
-    finally:
-        for stream in streams:
-            stream.abort()
+    def chunks_for(c: _Choice, text: str, output: RequestOutput) -> list[str]:
+        events = []
+        if text:
+            events.append(chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(content=text))]))
+        if output.finished:
+            events.append(chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(),
+                                                 finish_reason=output.finish_reason)]))
+        return events
+
+    # The role comes first, once per choice.
+    opening = [chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
+               for c in choices]
+    deltas = [_TextDelta(c.params.stop) for c in choices]
+    return _sse_stream(choices, streams, deltas, include_usage, chunk, chunks_for, opening)
 
 
 def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from infinite_llm.bench.workloads import TraceRequest, make_trace, paper_workloads
+from infinite_llm.bench.cli_common import build_workload_trace, comma_separated_subset, positive_int_list
+from infinite_llm.bench.workloads import TraceRequest
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.perf_model import HARDWARE_PRESETS, MODEL_PRESETS
 from infinite_llm.sim import report
@@ -43,22 +44,7 @@ DEFAULT_PROBE_CONTEXT = 2_000_000
 PROBE_OUTPUT_TOKENS = 64
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _policy_list(text: str) -> list[str]:
-    policies = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
-    if not policies or unknown or len(set(policies)) != len(policies):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(POLICIES)}, got {text!r}")
-    return policies
+_policy_list = comma_separated_subset(POLICIES, reject_repeats=True)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +75,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="context length (prompt + output) of the single long-request probe; 0 skips it")
     r = parser.add_argument_group("run")
     r.add_argument("--policies", type=_policy_list, default=list(POLICIES))
-    r.add_argument("--sweep", type=_int_list, default=None, help="cluster sizes to sweep, e.g. 8,32,256")
+    r.add_argument("--sweep", type=positive_int_list, default=None, help="cluster sizes to sweep, e.g. 8,32,256")
     r.add_argument("--quick", action="store_true",
                    help=f"{QUICK_NUM_REQUESTS} requests on {QUICK_INSTANCES} instances: a run of a few seconds")
     r.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the JSON and PNG files go")
@@ -99,14 +85,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------- building blocks
 def build_trace(workload: str, num_requests: int, request_rate: float, seed: int) -> list[TraceRequest]:
     """The paper-scale trace of `workload` with the given size, rate and seed."""
-    specs = paper_workloads("paper")
-    if workload not in specs:
-        raise ValueError(f"unknown workload {workload!r}; choose from {sorted(specs)}")
-    if num_requests < 1:
-        raise ValueError(f"--num-requests must be >= 1, got {num_requests}")
-    if not request_rate > 0:
-        raise ValueError(f"--request-rate must be > 0, got {request_rate}")
-    return make_trace(replace(specs[workload], num_requests=num_requests, request_rate=request_rate, seed=seed))
+    return build_workload_trace("paper", workload, num_requests, request_rate, seed)
 
 
 def fits_one_instance(trace: Sequence[TraceRequest], spec: SimClusterSpec) -> list[TraceRequest]:
