@@ -76,6 +76,13 @@ class StepCostModel:
     host_lanes: float = 1.0
     host_cores: int = 1
     contention_per_extra_instance: float = 0.0
+    # "shared_host": host CPU seconds one per-layer message costs its instance (packing, queue
+    # hand-off, unpacking). Unlike the latencies, which are waits that other instances' threads
+    # fill with their work, this adds to the CPU work the instances share.
+    message_cpu_s: float = 0.0
+    # Host work per guest sequence (a request homed elsewhere whose KV an instance attends to):
+    # its queries, tables and partials are handled per sequence, per layer.
+    guest_segment_cpu_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.host_lanes) and self.host_lanes >= 1):
@@ -88,7 +95,8 @@ class StepCostModel:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"StepCostModel.{name} must be an integer >= 1, got {value!r}")
-        for name in ("attn_flop_s_per_kv_query", "intra_node_latency_s", "inter_node_latency_s"):
+        for name in ("attn_flop_s_per_kv_query", "intra_node_latency_s", "inter_node_latency_s", "message_cpu_s",
+                     "guest_segment_cpu_s"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"StepCostModel.{name} must be finite and >= 0, got {value!r}")

@@ -28,7 +28,9 @@ Per instance i (see `StepCostModel` for the parameters):
 The step takes max_i t_i ("lockstep": one accelerator per instance; the engine runs all
 instances in lockstep) or, for instances that are threads sharing a few CPU cores,
 max(max_i t_i, sum_i t_i / host_lanes) * (1 + contention * max(0, busy instances - host_cores))
-("shared_host", fitted on this machine by benchmarks/bench_sim_validation.py).
+("shared_host", fitted on this machine by benchmarks/bench_sim_validation.py), where the sum
+counts work (compute, transfers, `message_cpu_s` per message, `guest_segment_cpu_s` per guest
+sequence) but not latency waits, which other instances' threads fill.
 
 Simplified on purpose: no overlap of attention communication with compute (pessimistic for
 remote KV);
@@ -117,6 +119,7 @@ class SimulatedExecutor:
         received = [[0, 0] for _ in range(n)]
         # Per instance: peer -> latency of the link to it.
         peers: list[dict[int, float]] = [{} for _ in range(n)]
+        guest_segments = [0] * n  # sequences homed elsewhere whose KV this instance attends to
         attention_bytes = 0
         num_tokens = 0
         num_sampled = 0
@@ -158,6 +161,7 @@ class SimulatedExecutor:
                     latency = cost.intra_node_latency_s if link == 0 else cost.inter_node_latency_s
                     peers[home][instance] = latency
                     peers[instance][home] = latency
+                    guest_segments[instance] += 1
 
         block_bytes = bs * cost.kv_bytes_per_token
         # Link use including the background block copies (which share the links).
@@ -179,6 +183,7 @@ class SimulatedExecutor:
         ]
         bw = (cost.intra_node_bandwidth_Bps, cost.inter_node_bandwidth_Bps)
         communication = []
+        transfer = []  # the part of communication that is work, not waiting (shared_host)
         for i in range(n):
             out_time = sent[i][0] / bw[0] + sent[i][1] / bw[1]
             in_time = received[i][0] / bw[0] + received[i][1] / bw[1]
@@ -189,7 +194,11 @@ class SimulatedExecutor:
                 latency = sum(peers[i].values())
             else:
                 latency = max(peers[i].values())
-            communication.append(max(out_time, in_time) + 2 * cost.num_layers * latency)
+            messages = 2 * cost.num_layers * len(peers[i])
+            work = (max(out_time, in_time) + messages * cost.message_cpu_s
+                    + guest_segments[i] * cost.guest_segment_cpu_s)
+            transfer.append(work)
+            communication.append(work + 2 * cost.num_layers * latency)
         link_busy = [
             max(link_sent[i][0] / bw[0] + link_sent[i][1] / bw[1],
                 link_received[i][0] / bw[0] + link_received[i][1] / bw[1])
@@ -202,7 +211,10 @@ class SimulatedExecutor:
         if cost.combine == "shared_host":
             busy = sum(1 for t in instance_time if t > 0)
             contention = 1.0 + cost.contention_per_extra_instance * max(0, busy - cost.host_cores)
-            step_time = max(slowest, sum(instance_time) / cost.host_lanes) * contention
+            # The host runs the instances' work `host_lanes` at a time; their latency waits are
+            # filled by the other instances' work, so only the slowest instance's count in full.
+            work = sum(a + b + c for a, b, c in zip(non_attention, attention, transfer))
+            step_time = max(slowest, work / cost.host_lanes) * contention
         else:
             step_time = slowest
         return StepTiming(

@@ -247,3 +247,33 @@ def test_the_simulator_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_shared_host_sums_work_but_not_latency_waits():
+    # Two instances, each with half its KV on the other: both wait on messages, and both work.
+    plan = StepPlan(step_id=1, block_size=4, seqs=[
+        _work("a", 0, [BlockRef(0, 0), BlockRef(1, 1)], start=5, n=1),
+        _work("b", 1, [BlockRef(1, 0), BlockRef(0, 1)], start=5, n=1)])
+    base = dict(combine="shared_host", host_lanes=1, intra_node_bandwidth_Bps=1e12, intra_node_latency_s=0.5,
+                latency_per_peer=True)
+    waits_only = SimulatedExecutor(_flat_cost(**base), 2)
+    waits_only.execute(plan)
+    t = waits_only.last_timing
+    work = [t.non_attention_s[i] + t.attention_s[i] for i in range(2)]
+    latency = 2 * 2 * 0.5  # 2 messages x 2 layers x 0.5 s, one peer each
+    assert t.instance_time_s == pytest.approx([w + latency for w in work], rel=1e-6)
+    # The waits overlap the other instance's work: the step is the summed work, not the sum of
+    # both instances' times (which would count each wait too).
+    assert t.step_time_s == pytest.approx(max(sum(work), max(t.instance_time_s)), rel=1e-6)
+    assert t.step_time_s < sum(t.instance_time_s)
+
+    with_cpu = SimulatedExecutor(_flat_cost(message_cpu_s=0.25, **base), 2)
+    with_cpu.execute(plan)
+    # 4 messages per instance at 0.25 s of host work each: summed over both instances.
+    assert with_cpu.last_timing.step_time_s == pytest.approx(max(sum(work) + 2 * 4 * 0.25,
+                                                                 max(t.instance_time_s) + 4 * 0.25), rel=1e-6)
+
+    # One guest sequence per instance (each hosts the other's second block): 0.1 s of work each.
+    with_guests = SimulatedExecutor(_flat_cost(guest_segment_cpu_s=0.1, **base), 2)
+    with_guests.execute(plan)
+    assert with_guests.last_timing.instance_time_s == pytest.approx([x + 0.1 for x in t.instance_time_s], rel=1e-6)
