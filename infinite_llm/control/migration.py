@@ -98,7 +98,6 @@ class MigrationCoordinator:
     # --------------------------------------------------------------- planning
     def cluster_view(self, scheduler: "Scheduler") -> tuple[list[InstanceView], list[RequestKV]]:
         bs = self.kv.block_size
-        n = self.kv.num_instances
         load = scheduler.home_load()
         requests: list[RequestKV] = []
         for r in scheduler.running:
@@ -138,7 +137,6 @@ class MigrationCoordinator:
                     avg_request_tokens=avg,
                 )
             )
-        assert len(views) == n
         return views, requests
 
     def _waiting_by_instance(self, scheduler: "Scheduler") -> tuple[list[int], list[int]]:
