@@ -205,7 +205,8 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     print(report.claims_text(claims))
     print(
         "\nmodel: roofline PerfModel from datasheet numbers; lockstep steps (max over instances); "
-        "communication not overlapped with compute; see infinite_llm/sim/executor.py"
+        "DistAttention messages not overlapped with compute, block migrations copied in the background; "
+        "see infinite_llm/sim/executor.py"
     )
 
     out = Path(args.output_dir)
