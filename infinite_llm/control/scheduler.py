@@ -8,8 +8,9 @@ Every step the scheduler spends a token budget (`max_num_batched_tokens`):
    KV manager cannot grow a request's block table,
    the newest running request is preempted (its blocks freed, its KV recomputed later) until the
    older one fits. Older requests therefore always make progress: no livelock.
-2. Then waiting requests in FIFO order, each given a home instance (least loaded) and a first
-   prefill chunk, until the budget, `max_num_seqs` or the KV memory runs out.
+2. Then waiting requests in FIFO order, each given a home instance (least loaded), the KV
+   blocks of its whole prompt and a first prefill chunk, until the budget, `max_num_seqs` or the
+   KV memory runs out.
 
 The result is one `StepPlan` shared by all instances. The scheduler never touches tensors; the
 same code drives the real engine and the cluster simulator.
@@ -192,7 +193,10 @@ class Scheduler:
             request = self.waiting[0]
             home = request.home if request.home is not None else self._choose_home(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, chunk_cap, budget)
-            if not self.kv.allocate(request.request_id, home, request.num_computed_tokens + num_new):
+            # Admission takes the KV of the whole prompt, not just this chunk: prompts admitted
+            # chunk by chunk would run out of memory halfway and preempt each other, and a
+            # preempted prompt's computed chunks are lost (recompute).
+            if not self.kv.allocate(request.request_id, home, request.num_tokens):
                 break
             self.waiting.popleft()
             request.home = home

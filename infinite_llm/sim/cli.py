@@ -1,7 +1,7 @@
 """`infinite-llm simulate`: the three placement policies on a simulated GPU cluster.
 
 Default: 32 x A100-80GB serving LLaMA2-7B, the paper-scale "mixed" trace (short prompts of
-1K-60K tokens, 20% long ones of 60K-2000K), 200 requests at 4 req/s -- a rate that saturates the
+1K-60K tokens, 20% long ones of 60K-2000K), 200 requests at 16 req/s -- a rate that saturates the
 cluster, so throughput measures capacity rather than the arrival rate. Every policy replays:
 
 1. the full trace (static rejects what does not fit one instance);
@@ -39,7 +39,7 @@ DEFAULT_INSTANCES = 32
 # --quick keeps the default's load per instance (about 6 requests each) on a smaller cluster.
 QUICK_NUM_REQUESTS = 50
 QUICK_INSTANCES = 8
-DEFAULT_REQUEST_RATE = 4.0
+DEFAULT_REQUEST_RATE = 16.0
 DEFAULT_PROBE_CONTEXT = 2_000_000
 PROBE_OUTPUT_TOKENS = 64
 
@@ -101,6 +101,10 @@ def scheduler_config(spec: SimClusterSpec, max_seqs_per_instance: int, max_batch
     return SchedulerConfig(
         max_num_seqs=max_seqs_per_instance * spec.num_instances,
         max_num_batched_tokens=max_batched_tokens_per_instance * spec.num_instances,
+        # One request's prefill chunk is capped at an instance's share of the budget: the
+        # cluster steps in lockstep, so a chunk of the whole cluster's budget on one instance
+        # would make every other instance wait for it.
+        long_prefill_token_threshold=max_batched_tokens_per_instance,
         # Big enough that no request of the trace is turned away for a full queue.
         max_waiting=max(1024, num_requests),
     )

@@ -9,6 +9,8 @@ from typing import Any, Mapping, Optional, Sequence
 from infinite_llm.sim.simulator import SimResult
 
 POLICY_ORDER = ("static", "striped", "infinite")
+# "Beats" means by more than this factor: a tie within a few percent is not a reproduction.
+BEATS_MARGIN = 1.05
 _GB = 1e9
 
 
@@ -108,8 +110,8 @@ def check_claims(full: Mapping[str, SimResult], common: Mapping[str, SimResult],
     if inf_c and sta_c:
         r = ratio(inf_c.throughput_tokens_per_s, sta_c.throughput_tokens_per_s)
         claims.append({
-            "claim": "infinite beats static throughput on a mixed trace (requests both can serve)",
-            "holds": r is not None and r > 1.0,
+            "claim": "infinite beats static throughput (by > 5%) on a mixed trace (requests both can serve)",
+            "holds": r is not None and r > BEATS_MARGIN,
             "detail": f"infinite/static throughput {_fmt_ratio(r)} on the {inf_c.num_requests} requests that "
                       f"fit one instance",
         })
@@ -117,14 +119,14 @@ def check_claims(full: Mapping[str, SimResult], common: Mapping[str, SimResult],
     if inf_f and sta_f:
         r = ratio(inf_f.throughput_tokens_per_s, sta_f.throughput_tokens_per_s)
         claims.append({
-            "claim": "infinite beats static throughput on the full mixed trace",
-            "holds": r is not None and r > 1.0,
+            "claim": "infinite beats static throughput (by > 5%) on the full mixed trace",
+            "holds": r is not None and r > BEATS_MARGIN,
             "detail": (
                 f"infinite/static throughput {_fmt_ratio(r)}; static rejected {sta_f.num_rejected} of "
                 f"{sta_f.num_requests} requests and infinite completed "
                 f"{inf_f.prompt_tokens + inf_f.generated_tokens:,} tokens against static's "
                 f"{sta_f.prompt_tokens + sta_f.generated_tokens:,}"
-                + ("" if r is None or r > 1.0 else
+                + ("" if r is None or r > BEATS_MARGIN else
                    ": the extra long requests infinite serves cost far more per token (attention grows "
                    "with context, and their prefill stalls the lockstep cluster), so tokens/s over "
                    "different work is not a like-for-like comparison")
