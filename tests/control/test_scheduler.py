@@ -87,6 +87,23 @@ def test_recomputing_request_is_not_treated_as_decoding():
         Scheduler(SchedulerConfig(long_prefill_token_threshold=0), s.kv)
 
 
+def test_admission_takes_the_whole_prompt_so_prompts_do_not_preempt_each_other():
+    s = make(blocks=16, block_size=4, budget=8)
+    s.add_request(req("a", 40, max_tokens=4))  # 10 blocks of prompt
+    s.add_request(req("b", 40, max_tokens=4))
+    run_step(s)
+    assert s.kv.num_used_blocks() == 10  # all of a's prompt, though only 8 tokens are computed
+    assert [r.request_id for r in s.running] == ["a"]  # b's prompt does not fit beside it
+    while s.has_unfinished():
+        run_step(s)
+        for r in list(s.requests.values()):
+            if r.is_finished:
+                s.pop_finished(r.request_id)
+    # Admitted chunk by chunk, both prompts would have filled the 16 blocks halfway and one
+    # would have been preempted, its computed chunks lost.
+    assert s.num_preemptions == 0
+
+
 def test_preemption_by_recompute_newest_first():
     # 6 blocks of 4 tokens = 24 slots; three requests of 8 prompt tokens need 3x(8+4) = 36.
     s = make(blocks=6, budget=64)
