@@ -5,9 +5,9 @@ Every step the scheduler spends a token budget (`max_num_batched_tokens`):
    when a prefill is unfinished. A prefill chunk never takes the tokens that the decoding requests
    behind it need (one each), so a long prompt cannot stall other requests' decoding
    (head-of-line blocking); `long_prefill_token_threshold` caps a chunk further. If the cluster
-   KV manager cannot grow a request's block table,
-   the newest running request is preempted (its blocks freed, its KV recomputed later) until the
-   older one fits. Older requests therefore always make progress: no livelock.
+   KV manager cannot grow a request's block table, the newest running request is preempted (its
+   blocks freed, its KV recomputed later) until the older one fits. Older requests therefore
+   always make progress: no livelock.
 2. Then waiting requests in FIFO order, each given a home instance (least loaded), the KV
    blocks of its whole prompt and a first prefill chunk, until the budget, `max_num_seqs` or the
    KV memory runs out.

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from infinite_llm.control.plan import BlockMove
 from infinite_llm.runtime.transport import Transport
 
+if TYPE_CHECKING:  # instance.py imports this module
+    from infinite_llm.runtime.instance import PagedKVCache
+
 
 class BlockCopier:
-    def __init__(self, rank: int, cache, channel: Optional[Transport], device: torch.device) -> None:
+    def __init__(self, rank: int, cache: "PagedKVCache", channel: Optional[Transport], device: torch.device) -> None:
         self.rank = rank
-        self.cache = cache  # PagedKVCache
+        self.cache = cache
         self.channel = channel
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -33,10 +33,9 @@ counts work (compute, transfers, `message_cpu_s` per message, `guest_segment_cpu
 sequence) but not latency waits, which other instances' threads fill.
 
 Simplified on purpose: no overlap of attention communication with compute (pessimistic for
-remote KV);
-no link contention beyond one instance's own send/receive totals (no switch or NIC sharing
-between the GPUs of a node); no tensor-parallel communication; per-layer latency is paid once
-per step for all peers together (messages to different peers go out in parallel).
+remote KV); no link contention beyond one instance's own send/receive totals (no switch or NIC
+sharing between the GPUs of a node); no tensor-parallel communication; per-layer latency is paid
+once per step for all peers together (messages to different peers go out in parallel).
 """
 
 from __future__ import annotations
