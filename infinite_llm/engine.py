@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 from infinite_llm.config import EngineConfig
 from infinite_llm.control.kv_manager import ClusterKVManager
-from infinite_llm.control.migration import MigrationCoordinator
+from infinite_llm.control.migration import MigrationCoordinator, plan_step
 from infinite_llm.control.request import FinishReason, Request
 from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError, Scheduler
 from infinite_llm.sampling import SamplingParams
@@ -179,13 +179,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         now = time.monotonic()
-        self.kv.heartbeat(now, self.scheduler.home_load())
-        # Last step's block copies are done (each instance waits for its own before executing):
-        # point the tables at them before this step's plan is built from the tables.
-        self.migrations.commit_copies(self.scheduler)
-        sched_out = self.scheduler.schedule()
-        # New copies run in the background while the instances compute this step.
-        sched_out.plan.migrations = self.migrations.issue_copies(self.scheduler, self.num_steps)
+        sched_out = plan_step(self.kv, self.scheduler, self.migrations, now, self.num_steps)
         if sched_out.plan.is_empty():
             return outputs
         results = self.executor.execute(sched_out.plan)

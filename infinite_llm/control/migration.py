@@ -35,7 +35,7 @@ from infinite_llm.control.rebalancer import (
 )
 
 if TYPE_CHECKING:
-    from infinite_llm.control.scheduler import Scheduler
+    from infinite_llm.control.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,12 @@ def default_perf_model(model_config: Optional[ModelConfig]) -> PerfModel:
 
 class MigrationCoordinator:
     def __init__(self, kv: ClusterKVManager, perf: PerfModel, interval_steps: int,
-                 tokens_per_step: int, enabled: bool = True):
+                 tokens_per_step: int, enabled: Optional[bool] = None):
         self.kv = kv
         self.perf = perf
         self.interval_steps = max(1, interval_steps)
-        self.enabled = enabled
+        # Only the infinite policy rebalances, and only when there is somewhere to move to.
+        self.enabled = (kv.placement == "infinite" and kv.num_instances > 1) if enabled is None else enabled
         self.limiter = MigrationRateLimiter(tokens_per_step, kv.block_size)
         self.rebalancer_config = RebalancerConfig(block_size=kv.block_size)
         self.orders: list[_Order] = []
@@ -92,7 +93,6 @@ class MigrationCoordinator:
         perf = PerfModel.load(perf_path) if perf_path else default_perf_model(model_config)
         return cls(
             kv, perf, cluster.rebalance_interval_steps, cluster.migration_tokens_per_step,
-            enabled=cluster.placement == "infinite" and kv.num_instances > 1,
         )
 
     # --------------------------------------------------------------- planning
@@ -225,4 +225,17 @@ class MigrationCoordinator:
         self.orders = [o for o in self.orders if o.request_id != request_id]
 
 
-__all__ = ["MigrationCoordinator", "default_perf_model", "Migration"]
+def plan_step(kv: ClusterKVManager, scheduler: "Scheduler", migrations: MigrationCoordinator,
+              now: float, step: int) -> "SchedulerOutput":
+    """One step's control-plane decisions, in the order the engine and the simulator share:
+    heartbeats; commit last step's block copies (each instance finishes its own before executing,
+    and this step's plan is built from the tables); schedule; issue new copies, which run in the
+    background while the instances compute this step."""
+    kv.heartbeat(now, scheduler.home_load())
+    migrations.commit_copies(scheduler)
+    out = scheduler.schedule()
+    out.plan.migrations = migrations.issue_copies(scheduler, step)
+    return out
+
+
+__all__ = ["MigrationCoordinator", "default_perf_model", "Migration", "plan_step"]

@@ -2,8 +2,8 @@
 
 The simulator drives the engine's own control-plane objects -- `Scheduler`,
 `ClusterKVManager` (rManagers + gManager) and `MigrationCoordinator` -- exactly the way
-`LLMEngine.step` does (heartbeat -> migrations.commit_copies -> scheduler.schedule ->
-migrations.issue_copies -> executor.execute -> scheduler.update), and replaces only the executor by
+`LLMEngine.step` does (`plan_step`: heartbeat -> commit last step's block copies -> schedule ->
+issue new copies; then executor.execute -> scheduler.update), and replaces only the executor by
 `SimulatedExecutor`, which prices the plan with a performance model instead of running it.
 
 Time is simulated: a request of the trace is added to the scheduler when the clock reaches its
@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 from infinite_llm.bench.workloads import TraceRequest
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.kv_manager import PLACEMENT_POLICIES, ClusterKVManager
-from infinite_llm.control.migration import MigrationCoordinator
+from infinite_llm.control.migration import MigrationCoordinator, plan_step
 from infinite_llm.control.perf_model import PerfModel
 from infinite_llm.control.request import Request
 from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError, Scheduler
@@ -162,7 +162,6 @@ class Simulator:
             setup.rebalancer_perf or setup.cost.perf,
             setup.rebalance_interval_steps,
             setup.migration_tokens_per_step,
-            enabled=setup.placement == "infinite" and setup.num_instances > 1,
         )
         self.executor = SimulatedExecutor(setup.cost, setup.num_instances, setup.token_id)
         self.now = 0.0
@@ -183,10 +182,7 @@ class Simulator:
     def step(self) -> list[Request]:
         """One engine step at the current simulated time; returns the requests it finished."""
         control_started = time.perf_counter()
-        self.kv.heartbeat(self.now, self.scheduler.home_load())
-        self.migrations.commit_copies(self.scheduler)
-        out = self.scheduler.schedule()
-        out.plan.migrations = self.migrations.issue_copies(self.scheduler, self.num_steps)
+        out = plan_step(self.kv, self.scheduler, self.migrations, self.now, self.num_steps)
         if out.plan.is_empty():
             return []
         control_s = time.perf_counter() - control_started
