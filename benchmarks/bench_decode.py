@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from infinite_llm.engine import LLMEngine  # noqa: E402
+from infinite_llm.bench.profile import LocalRunner  # noqa: E402
+from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig  # noqa: E402
+from infinite_llm.control.plan import BlockRef, SeqWork  # noqa: E402
 from infinite_llm.model.loader import resolve_model_path  # noqa: E402
 from infinite_llm.sampling import SamplingParams  # noqa: E402
 
@@ -43,31 +44,32 @@ def copy_bandwidth(device: str, nbytes: int = 256 << 20, repeats: int = 5) -> fl
 
 
 def run_ours(model: str, prompts: list[list[int]], new_tokens: int, device: str) -> tuple[float, list[float], list[list[int]]]:
-    total = len(prompts) * (len(prompts[0]) + new_tokens)
-    config = EngineConfig(
-        model=model,
-        cache=CacheConfig(block_size=16, num_blocks_per_instance=total // 16 + 4 * len(prompts)),
-        cluster=ClusterConfig(device=device),
-        scheduler=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=4096),
-    )
-    engine = LLMEngine(config)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-    engine.step()  # prefill of the whole batch (+ first token)
+    """Greedy decode of the batch on one instance's ModelRunner (the code an instance step runs,
+    without the engine's threads around it): one prefill step, then one step per token."""
+    bs = 16
+    per_seq = -(-(len(prompts[0]) + new_tokens) // bs)
+    config = EngineConfig(model=model, cache=CacheConfig(block_size=bs), cluster=ClusterConfig(device=device))
+    local = LocalRunner(config, num_blocks=per_seq * len(prompts))
+    greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    tables = [[BlockRef(0, s * per_seq + b) for b in range(per_seq)] for s in range(len(prompts))]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    batch = [SeqWork(f"r{s}", list(p), 0, tables[s], sample=True, sampling=greedy) for s, p in enumerate(prompts)]
     step_times = []
-    outputs = {}
     t0 = time.perf_counter()
-    while engine.has_unfinished_requests():
+    for step in range(new_tokens):
         s0 = time.perf_counter()
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out.output_token_ids
-        step_times.append(time.perf_counter() - s0)
+        results = local.execute(batch)
+        if step:  # the first step is the prefill (+ first token)
+            step_times.append(time.perf_counter() - s0)
+        else:
+            t0 = time.perf_counter()
+        for s, result in enumerate(results):
+            outputs[s].append(result.token_id)
+        batch = [SeqWork(w.request_id, [outputs[s][-1]], w.end_pos, w.block_table, sample=True, sampling=greedy,
+                         num_generated=len(outputs[s])) for s, w in enumerate(batch)]
     elapsed = time.perf_counter() - t0
-    engine.shutdown()
     decoded = len(prompts) * (new_tokens - 1)
-    return decoded / elapsed, step_times, [outputs[f"r{i}"] for i in range(len(prompts))]
+    return decoded / elapsed, step_times, outputs
 
 
 def run_hf(model: str, prompts: list[list[int]], new_tokens: int, device: str) -> tuple[float, list[list[int]]]:

@@ -81,7 +81,8 @@ class RequestStream:
     """Async iterator over the `RequestOutput`s of one admitted request (cumulative outputs).
 
     Iteration ends after the output with `finished=True`; an engine failure is raised from
-    `__anext__`. `abort()` stops the request in the engine (idempotent, no-op once finished).
+    `__anext__`. `abort()` stops the request in the engine (idempotent, no-op once finished);
+    `fail(error)` does too, and makes the consumer see `error`.
     """
 
     def __init__(self, owner: "AsyncLLMEngine", request_id: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -90,16 +91,21 @@ class RequestStream:
         self._owner = owner
         self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._failure: Optional[BaseException] = None  # set by fail(), raised by the next __anext__
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> "RequestOutput":
+        if self._failure is not None:
+            error, self._failure = self._failure, None
+            raise error
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
         if isinstance(item, BaseException):
             self.finished = True
+            self._failure = None  # a consumer already waiting is woken by the failure itself
             raise item
         if item.finished:
             self.finished = True
@@ -109,6 +115,20 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self._owner._abort_nowait(self.request_id)
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with `error` and abort the request in the engine (frees its blocks).
+
+        For a server that gives up on its running requests (bounded shutdown): the consumer,
+        whether waiting in `__anext__` now or calling it later, gets `error` raised instead of
+        the plain end of iteration that `abort()` gives. Call from the stream's event loop;
+        no-op once the stream finished.
+        """
+        if self.finished:
+            return
+        self._failure = error
+        self.abort()
+        self._queue.put_nowait(error)
 
 
 class AsyncLLMEngine:
@@ -181,8 +201,11 @@ class AsyncLLMEngine:
         return self._dead
 
     def latest_stats(self) -> Optional["EngineStats"]:
-        """The engine's stats as of its last loop iteration (a snapshot; never blocks)."""
-        return self._stats
+        """The cluster's stats as the gManager last heard them (safe from any thread: they come
+        from heartbeats, not from the engine thread's state)."""
+        if self.engine is None or self._dead is not None:
+            return self._stats
+        return self.engine.stats()
 
     # ------------------------------------------------------------------------ public API
     async def add_request(

@@ -88,9 +88,16 @@ class ClusterConfig:
     ray_address: Optional[str] = None  # None: start an embedded local Ray
     device: str = "cpu"
     placement: PlacementPolicyName = "infinite"
-    # Rebalancer (infinite policy): run every N steps, move at most this many tokens per step.
-    rebalance_interval_steps: int = 8
+    # Rebalancer (infinite policy): the gManager plans every this many seconds; a home moves at
+    # most this many tokens' worth of KV per step.
+    rebalance_interval_s: float = 0.5
     migration_tokens_per_step: int = 256
+    # Instances report to the gManager on this period (from a thread compute cannot block).
+    heartbeat_interval_s: float = 0.1
+    # A home gives up on a holder's attention partial after this long (the step's requests fail).
+    attention_timeout_s: float = 60.0
+    # Test hook, off by default: instance -> extra seconds slept in every step (a straggler).
+    debug_step_delay_s: Optional[dict[int, float]] = None
     # A profiled PerfModel (JSON, see `infinite-llm profile`); None: a rough default model.
     perf_model_path: Optional[str] = None
 

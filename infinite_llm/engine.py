@@ -1,8 +1,8 @@
-"""LLMEngine (add requests, step, stream outputs) and the offline `LLM.generate()` API.
+"""LLMEngine (add requests, collect outputs) and the offline `LLM.generate()` API.
 
-The engine is the control plane's process: tokenizer, scheduler, cluster KV manager (rManagers
-and the gManager) and the migration coordinator live here; the executor runs each StepPlan on
-the instances (threads in this process, or Ray actors).
+The engine is the front end: tokenizer, admission checks, the router and detokenization. The
+instances (threads of this process or Ray actors) and the gManager run on their own; the engine
+hands requests to the router and turns the instances' token deltas into `RequestOutput`s.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from infinite_llm.cluster.router import Router
 from infinite_llm.config import EngineConfig
-from infinite_llm.control.kv_manager import ClusterKVManager
-from infinite_llm.control.migration import MigrationCoordinator, plan_step
+from infinite_llm.control.home_kv import PLACEMENT_POLICIES, lend_cap_for
+from infinite_llm.control.messages import MigrationOrder, RequestUpdate
 from infinite_llm.control.request import FinishReason, Request
-from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError, Scheduler
+from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError
 from infinite_llm.sampling import SamplingParams
 
 __all__ = [
@@ -42,6 +43,7 @@ class RequestOutput:
     first_token_time: Optional[float] = None
     finished_time: Optional[float] = None
     num_preemptions: int = 0
+    error: Optional[str] = None  # why the request failed, when it failed on an instance
 
 
 @dataclass
@@ -80,7 +82,23 @@ class _Detokenizer:
         return None
 
 
+@dataclass
+class _Tracked:
+    """The router side's record of one request: what it asked for and what came back."""
+
+    request: Request
+    detok: _Detokenizer
+    finished: bool = False
+    error: Optional[str] = None
+
+
 class LLMEngine:
+    """The front end over the cluster: admission, routing, detokenization, outputs.
+
+    Instances run their own loops; `step()` only collects what they reported (waiting up to
+    `timeout_s` for it), so the caller never steps the cluster.
+    """
+
     def __init__(self, config: EngineConfig):
         from infinite_llm.model.loader import load_model_config, resolve_model_path
         from infinite_llm.tokenizer import load_tokenizer
@@ -97,41 +115,41 @@ class LLMEngine:
         cluster, cache = config.cluster, config.cache
         if cluster.num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {cluster.num_instances}")
-        self.kv = ClusterKVManager(
-            num_instances=cluster.num_instances,
-            num_blocks_per_instance=cache.num_blocks_per_instance,
-            block_size=cache.block_size,
-            lend_fraction=cache.lend_fraction,
-            placement=cluster.placement,
-        )
-        self.scheduler = Scheduler(config.scheduler, self.kv)
-        eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
-        self.scheduler.eos_token_ids = frozenset(eos)
-        self.migrations = MigrationCoordinator.for_engine(config, self.kv, self.model_config)
-        self.executor = self._make_executor()
-        self._detok: dict[str, _Detokenizer] = {}
+        if cluster.placement not in PLACEMENT_POLICIES:
+            raise ValueError(f"unknown placement policy {cluster.placement!r}; expected one of {PLACEMENT_POLICIES}")
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
+        self.cluster = self._start_cluster()
+        self.router = Router(self.cluster.router_endpoint, cluster.num_instances, cache.block_size,
+                             self.cluster.gmanager.free_blocks)
+        self._requests: dict[str, _Tracked] = {}  # until their last output is handed out
+        # Requests admitted that have no token yet: the cluster-wide waiting queue (HTTP 429).
+        self._awaiting_first_token: set[str] = set()
         self._pending_outputs: list[RequestOutput] = []
         self._ids = itertools.count()
         self.num_steps = 0
 
-    def _make_executor(self):
-        cluster = self.config.cluster
-        dtype = self.config.cache.dtype if self.config.cache.dtype != "auto" else None
-        if cluster.backend == "local":
-            from infinite_llm.runtime.executor import LocalExecutor
+    def _start_cluster(self):
+        backend = self.config.cluster.backend
+        if backend == "local":
+            from infinite_llm.cluster.local import LocalCluster
 
-            return LocalExecutor(
-                self.model_path, self.model_config, self.config.cache, cluster.num_instances,
-                device=cluster.device, dtype=dtype, seed=self.config.seed,
-            )
-        if cluster.backend == "ray":
-            from infinite_llm.runtime.cluster import RayExecutor
+            return LocalCluster(self.config, self.model_path, self.model_config)
+        if backend == "ray":
+            from infinite_llm.cluster.ray_cluster import RayCluster
 
-            return RayExecutor(
-                self.model_path, self.model_config, self.config.cache, cluster.num_instances,
-                device=cluster.device, dtype=dtype, seed=self.config.seed, ray_address=cluster.ray_address,
-            )
-        raise ValueError(f"unknown cluster backend {cluster.backend!r}; choose 'local' or 'ray'")
+            return RayCluster(self.config, self.model_path, self.model_config)
+        raise ValueError(f"unknown cluster backend {backend!r}; choose 'local' or 'ray'")
+
+    def max_context(self) -> int:
+        """The longest context (prompt + output) one request can hold under the policy."""
+        cache, cluster = self.config.cache, self.config.cluster
+        per = cache.num_blocks_per_instance
+        cap = min(per, lend_cap_for(cluster.placement, per, cache.lend_fraction))
+        if cluster.placement == "striped":
+            blocks = per * cluster.num_instances
+        else:
+            blocks = per + (cluster.num_instances - 1) * cap
+        return min(blocks * cache.block_size, self.model_config.max_position_embeddings)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -140,11 +158,41 @@ class LLMEngine:
         prompt: Union[str, list[int]],
         params: Optional[SamplingParams] = None,
         arrival_time: Optional[float] = None,
+        home: Optional[int] = None,
     ) -> str:
+        """Admit a request; `home` pins it to an instance (default: the router's choice)."""
         params = params or SamplingParams()
         params.validate()
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        token_ids = self._prompt_ids(prompt)
+        capacity = self.max_context()
+        wanted = len(token_ids) + (params.max_tokens or 1)
+        if wanted > capacity:
+            raise RequestTooLongError(
+                f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"{capacity} tokens of KV cache one request can use under the "
+                f"'{self.config.cluster.placement}' placement policy"
+            )
+        if len(self._awaiting_first_token) >= self.config.scheduler.max_waiting:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.scheduler.max_waiting} requests); retry later"
+            )
+        request = Request(
+            request_id=request_id, prompt_token_ids=token_ids, sampling=params,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            max_total_tokens=capacity,
+        )
+        self._requests[request_id] = _Tracked(request, _Detokenizer(self.tokenizer, params))
+        self._awaiting_first_token.add(request_id)
+        if home is not None and not 0 <= home < self.config.cluster.num_instances:
+            raise ValueError(f"home instance {home} out of range (cluster has {self.config.cluster.num_instances})")
+        request.home = self.router.dispatch(request, home)
+        return request_id
+
+    def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
         else:
@@ -153,93 +201,108 @@ class LLMEngine:
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        request = Request(
-            request_id=request_id,
-            prompt_token_ids=token_ids,
-            sampling=params,
-            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
-            max_total_tokens=self.model_config.max_position_embeddings,
-        )
-        self.scheduler.add_request(request)
-        self._detok[request_id] = _Detokenizer(self.tokenizer, params)
-        return request_id
+        if not token_ids:
+            raise ValueError("the prompt is empty: at least one token is required")
+        return token_ids
+
+    def order_migration(self, request_id: str, src: int, dst: int, num_blocks: int) -> None:
+        """Ask the request's home to move `num_blocks` full blocks from `src` to `dst` (the
+        gManager's path; for tests and operators)."""
+        self.router.order_migration(MigrationOrder(request_id, src, dst, num_blocks))
 
     def abort_request(self, request_id: str) -> None:
-        request = self.scheduler.abort(request_id)
-        if request is not None:
-            self.migrations.forget(request_id)
-            request.finished_time = time.monotonic()
-            self._pending_outputs.append(self._output(request))
-            self._release(request_id)
+        tracked = self._requests.get(request_id)
+        if tracked is None or tracked.finished:
+            return
+        self.router.abort(request_id)
+        self._finish(tracked, FinishReason.ABORT)
+        self._pending_outputs.append(self._output(tracked))  # handed out by the next step()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._pending_outputs) or bool(self._requests)
 
     # ---------------------------------------------------------------------- step
-    def step(self) -> list[RequestOutput]:
+    def step(self, timeout_s: float = 0.01) -> list[RequestOutput]:
+        """Outputs of the requests that progressed since the last call."""
         outputs, self._pending_outputs = self._pending_outputs, []
-        now = time.monotonic()
-        sched_out = plan_step(self.kv, self.scheduler, self.migrations, now, self.num_steps)
-        if sched_out.plan.is_empty():
-            return outputs
-        results = self.executor.execute(sched_out.plan)
-        self.num_steps += 1
-        now = time.monotonic()
-        for request in self.scheduler.update(sched_out, results, now):
-            detok = self._detok[request.request_id]
-            stop = detok.update(request.output_token_ids)
-            if stop is not None and not request.is_finished:
-                self.scheduler.finish(request.request_id, FinishReason.STOP, now)
-            outputs.append(self._output(request))
-            if request.is_finished:
-                self.migrations.forget(request.request_id)
-                self._release(request.request_id)
+        updates = self.router.poll(0.0 if outputs else timeout_s)
+        if updates:
+            self.num_steps += 1
+        for update in updates:
+            tracked = self._requests.get(update.request_id)
+            if tracked is None or tracked.finished:
+                continue  # e.g. the update of a request finished here by a stop string
+            outputs.append(self._apply(tracked, update))
+        for out in outputs:
+            if out.finished:
+                self._requests.pop(out.request_id, None)
         return outputs
 
-    def _output(self, request: Request) -> RequestOutput:
-        detok = self._detok.get(request.request_id)
+    def _apply(self, tracked: _Tracked, update: RequestUpdate) -> RequestOutput:
+        request = tracked.request
+        request.output_token_ids.extend(update.new_token_ids)
+        request.num_preemptions = update.num_preemptions
+        request.first_token_time = request.first_token_time or update.first_token_time
+        if request.output_token_ids:
+            self._awaiting_first_token.discard(request.request_id)
+        stop = tracked.detok.update(request.output_token_ids)
+        if stop is not None:
+            if not update.finished:
+                self.router.abort(request.request_id)  # frees its blocks on the home
+            self._finish(tracked, FinishReason.STOP, update.finished_time)
+        elif update.finished:
+            reason = FinishReason(update.finish_reason) if update.finish_reason else FinishReason.ABORT
+            self._finish(tracked, reason, update.finished_time, update.error)
+        return self._output(tracked)
+
+    def _finish(self, tracked: _Tracked, reason: FinishReason, when: Optional[float] = None,
+                error: Optional[str] = None) -> None:
+        tracked.finished = True
+        self._awaiting_first_token.discard(tracked.request.request_id)
+        tracked.request.finish_reason = reason
+        tracked.request.finished_time = when or time.monotonic()
+        tracked.error = error
+
+    def _output(self, tracked: _Tracked) -> RequestOutput:
+        request = tracked.request
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids),
-            text=detok.text if detok else "",
-            finished=request.is_finished,
-            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            text=tracked.detok.text,
+            finished=tracked.finished,
+            finish_reason=request.finish_reason.value if tracked.finished and request.finish_reason else None,
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
-            finished_time=request.finished_time,
+            finished_time=request.finished_time if tracked.finished else None,
             num_preemptions=request.num_preemptions,
+            error=tracked.error,
         )
 
-    def _release(self, request_id: str) -> None:
-        self._detok.pop(request_id, None)
-        self.scheduler.pop_finished(request_id)
-
     def stats(self) -> EngineStats:
+        gm = self.cluster.gmanager
         per_instance = []
-        for i in range(self.kv.num_instances):
-            usage = self.kv.usage(i)
-            per_instance.append(
-                {
-                    "instance": i,
-                    "blocks_total": self.config.cache.num_blocks_per_instance,
-                    "blocks_used": usage["used"],
-                    "blocks_free": usage["free"],
-                    "blocks_lent": usage["lent"],
-                    "blocks_borrowed": usage["borrowed"],
-                }
-            )
+        with gm.lock:
+            statuses = [gm.gm.status(i) for i in range(self.config.cluster.num_instances)]
+        running = waiting = preemptions = migrated = 0
+        for i, s in enumerate(statuses):
+            if s is None:
+                continue
+            running += s.load.batch_size
+            waiting += s.load.num_waiting
+            preemptions += s.load.num_preemptions
+            migrated += s.load.num_migrated_blocks
+            per_instance.append({
+                "instance": i, "blocks_total": s.num_blocks, "blocks_used": s.num_blocks - s.num_free,
+                "blocks_free": s.num_free, "blocks_lent": s.num_lent, "blocks_borrowed": s.num_borrowed,
+            })
         return EngineStats(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            per_instance=per_instance,
-            num_steps=self.num_steps,
-            num_preemptions=self.scheduler.num_preemptions,
-            num_migrated_blocks=self.migrations.num_migrated_blocks,
+            num_running=running, num_waiting=waiting, per_instance=per_instance, num_steps=self.num_steps,
+            num_preemptions=preemptions, num_migrated_blocks=migrated,
         )
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.cluster.shutdown()
 
 
 class LLM:
@@ -280,7 +343,7 @@ class LLM:
 
             progress = tqdm(total=len(ids), desc="generate", unit="req")
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            for out in self.engine.step(timeout_s=0.05):
                 if out.finished:
                     final[out.request_id] = out
                     if progress is not None:

@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from infinite_llm.detokenizer import TokenStreamDecoder
+
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
 DEFAULT_SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)  # ids 0..3
 DEFAULT_VOCAB_SIZE = 512
@@ -337,52 +339,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 # --------------------------------------------------------------------------- streaming decode
 
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into a stream of text pieces.
-
-    Each `add()` returns only the newly finished text. Text is decoded over a small window of
-    recent tokens (decoding a token alone can differ from decoding it in context, e.g. for
-    SentencePiece's leading spaces), and a trailing incomplete UTF-8 character (decoded as
-    U+FFFD) is held back until the tokens completing it arrive. The concatenation of all pieces
-    plus `flush()` equals `decode(all generated ids)`.
-    """
-
-    _CONTEXT_TOKENS = 5
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[Sequence[int]] = None,
-                 skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        prompt = list(prompt_ids or [])
-        self.ids: list[int] = prompt[-self._CONTEXT_TOKENS :]
-        # ids[prefix_offset:read_offset] is text already emitted (or prompt context);
-        # ids[read_offset:] is not emitted yet.
-        self.read_offset = len(self.ids)
-        self.prefix_offset = max(0, self.read_offset - self._CONTEXT_TOKENS)
-        self.text = ""
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) <= len(emitted) or full.endswith("\ufffd") or not full.startswith(emitted):
-            # Nothing new, or an incomplete character at the end: wait for more tokens.
-            return ""
-        piece = full[len(emitted) :]
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.ids)
-        self.text += piece
-        return piece
-
-    def flush(self) -> str:
-        """Whatever is still held back (e.g. a truncated UTF-8 character, as U+FFFD)."""
-        emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        piece = full[len(emitted) :] if full.startswith(emitted) else ""
-        self.prefix_offset = self.read_offset = len(self.ids)
-        self.text += piece
-        return piece
+# The streaming decoder moved to `infinite_llm.detokenizer` (with the per-request stop-string
+# handling built on it); this name stays for existing imports.
+IncrementalDetokenizer = TokenStreamDecoder

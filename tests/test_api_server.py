@@ -19,7 +19,7 @@ import uvicorn
 from infinite_llm.async_engine import AsyncLLMEngine, EngineDeadError
 from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
 from infinite_llm.engine import LLMEngine, QueueFullError
-from infinite_llm.entrypoints.api_server import build_app
+from infinite_llm.entrypoints.api_server import DEFAULT_MAX_REQUEST_BYTES, build_app
 from infinite_llm.sampling import SamplingParams
 
 BLOCK_SIZE = 16
@@ -39,14 +39,16 @@ class LiveServer:
     """An AsyncLLMEngine behind uvicorn on a free local port, in a background thread."""
 
     def __init__(self, config: Optional[EngineConfig] = None,
-                 engine_factory: Optional[Callable[[], LLMEngine]] = None) -> None:
+                 engine_factory: Optional[Callable[[], LLMEngine]] = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.engine = AsyncLLMEngine(config, engine_factory=engine_factory)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))  # pre-bound: no race for the port
         self.port = sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(build_app(self.engine), log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(build_app(self.engine, max_request_bytes),
+                                                   log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -279,9 +281,16 @@ def test_openai_client_unchanged(oai):
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
-        ({"prompt": "x", "temperature": -1}, None),
-        ({"prompt": "x", "max_tokens": 0}, None),
-        ({"prompt": "x", "top_p": 0}, None),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "top_k": -2}, "top_k"),
+        ({"prompt": "x", "seed": 1.5}, "seed"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),  # FastAPI's 422 turned into 400
         ({"prompt": [1.5, 2]}, "prompt"),
         ({"prompt": [10**9]}, None),  # token id outside the vocabulary
@@ -327,6 +336,117 @@ def test_server_is_healthy_after_bad_input(client):
     assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200
 
 
+# ----------------------------------------------------------------------------- sampling parameters
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ('"temperature": NaN', "temperature"),
+        ('"temperature": Infinity', "temperature"),
+        ('"temperature": -Infinity', "temperature"),
+        ('"top_p": NaN', "top_p"),
+        ('"presence_penalty": NaN', "presence_penalty"),
+        ('"frequency_penalty": Infinity', "frequency_penalty"),
+    ],
+)
+def test_non_finite_sampling_parameters_get_400_naming_the_field(client, fields, param):
+    # Python's json (and so FastAPI) reads NaN/Infinity; they must never reach the sampler.
+    for path, start in (("/v1/completions", '"prompt": "x"'),
+                        ("/v1/chat/completions", '"messages": [{"role": "user", "content": "x"}]')):
+        raw = f'{{{start}, "max_tokens": 2, {fields}}}'
+        r = client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+        assert assert_openai_error(r, 400)["param"] == param
+    assert client.get("/health").status_code == 200
+
+
+def test_chat_names_the_token_limit_field_it_was_sent(client):
+    messages = [{"role": "user", "content": "x"}]
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = client.post("/v1/chat/completions", json={"messages": messages, field: 0})
+        assert assert_openai_error(r, 400)["param"] == field
+
+
+def test_tiny_temperature_is_greedy_and_leaves_the_engine_healthy(client, oai):
+    """Dividing logits by 1e-40 used to overflow, crash the engine thread and 503 every later request."""
+    request = {"prompt": "x", "max_tokens": 8, "ignore_eos": True}
+    greedy = client.post("/v1/completions", json={**request, "temperature": 0}).json()["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**request, "temperature": 1e-40})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == greedy
+    assert client.post("/v1/completions", json={"prompt": "x", "temperature": 1e-40}).status_code == 200
+    via_sdk = oai.completions.create(model="default", prompt="x", max_tokens=8, temperature=1e-40,
+                                     extra_body={"ignore_eos": True})
+    assert via_sdk.choices[0].text == greedy
+    chat = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=4, temperature=1e-40)
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert client.get("/health").json() == {"status": "ok"}
+    sampled = client.post("/v1/completions", json={**request, "temperature": 1.0, "seed": 3})
+    assert sampled.status_code == 200
+
+
+# ----------------------------------------------------------------------------- request size, tokenization
+def test_body_over_the_limit_gets_413_before_parsing(client):
+    huge = {"prompt": "a" * 10_000_000, "max_tokens": 1}
+    started = time.monotonic()
+    r = client.post("/v1/completions", json=huge)
+    # Parsing and tokenizing 10M characters would take many seconds; the limit answers at once.
+    assert time.monotonic() - started < 5.0
+    error = assert_openai_error(r, 413)
+    assert error["code"] == "request_too_large" and str(DEFAULT_MAX_REQUEST_BYTES) in error["message"]
+
+    body = json.dumps(huge).encode()
+
+    def chunked():  # no Content-Length: the server has to count what arrives
+        for i in range(0, len(body), 1 << 16):
+            yield body[i:i + (1 << 16)]
+
+    r = client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert assert_openai_error(r, 413)["code"] == "request_too_large"
+    # Just under the limit is served (unknown fields are ignored, so the padding is harmless).
+    padded = {"prompt": "hi", "max_tokens": 1, "user": "x" * (DEFAULT_MAX_REQUEST_BYTES - 100)}
+    assert client.post("/v1/completions", json=padded).status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+def _record_chunk_times(base_url: str, request: dict, times: list, stop: threading.Event) -> None:
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{base_url}/v1/completions", json=request) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                times.append(time.monotonic())
+                if stop.is_set():
+                    return
+
+
+@pytest.mark.parametrize("num_chars", [3_000_000, pytest.param(10_000_000, marks=pytest.mark.slow)])
+def test_huge_prompt_is_tokenized_without_stalling_other_streams(num_chars):
+    """Tokenizing in the engine thread froze every stream for as long as the biggest prompt took."""
+    config = small_config()
+    config.cache.num_blocks_per_instance = 320  # room for a long-running stream
+    live = LiveServer(config, max_request_bytes=64 << 20)
+    try:
+        times: list[float] = []
+        stop = threading.Event()
+        stream = {"prompt": [5, 6, 7], "max_tokens": 5000, "temperature": 0, "ignore_eos": True, "stream": True}
+        reader = threading.Thread(target=_record_chunk_times, args=(live.base_url, stream, times, stop), daemon=True)
+        reader.start()
+        assert live.wait_until(lambda: len(times) >= 3, timeout=30)
+        text = ("The quick brown fox jumps over the lazy dog. " * (num_chars // 45 + 1))[:num_chars]
+        with live.client() as client:
+            started = time.monotonic()
+            r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
+            finished = time.monotonic()
+        stop.set()
+        assert assert_openai_error(r, 400)["code"] == "context_length_exceeded"  # far past the context
+        during = [t for t in times if started < t < finished]
+        marks = [started, *during, finished]
+        max_gap = max(b - a for a, b in zip(marks, marks[1:]))
+        # The other stream kept going: its longest silence is a small part of the tokenization.
+        assert len(during) >= 3 and max_gap < (finished - started) / 3, (max_gap, finished - started)
+        reader.join(30)
+    finally:
+        live.close()
+
+
 # ----------------------------------------------------------------------------- disconnects
 def test_disconnect_mid_stream_aborts_and_frees_all_blocks(server, client):
     assert server.wait_idle()
@@ -338,7 +458,7 @@ def test_disconnect_mid_stream_aborts_and_frees_all_blocks(server, client):
         for _ in range(3):  # a few tokens arrive, then the client hangs up
             while not next(lines).startswith("data: "):
                 pass
-        assert server.kv_blocks_used() > 0
+        assert server.wait_until(lambda: server.kv_blocks_used() > 0)  # heartbeats lag up to 0.1 s
     # Left alone the request would run ~1100 decode steps; the abort frees it within a step or two.
     assert server.wait_idle(timeout=5), f"blocks still used: {server.engine.latest_stats()}"
     metrics = client.get("/metrics").text

@@ -8,35 +8,40 @@ import pytest
 
 from infinite_llm.bench.offline import (
     POLICIES,
+    PhaseRuns,
     PolicyResult,
     TimelineSample,
     build_trace,
+    common_request_ids,
     compare_policies,
     format_report,
+    long_tail_workload,
     policy_ratios,
     prompt_token_ids,
     run_policy,
 )
 from infinite_llm.bench.profile import (
     GridPoint,
-    build_plan,
+    build_batch,
     fit_quality,
     make_grid,
     profile_engine,
 )
-from infinite_llm.bench.workloads import TraceRequest
+from infinite_llm.bench.workloads import TraceRequest, make_trace
 from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
 from infinite_llm.control.perf_model import PerfModel, ProfileSample
 
 BLOCK = 16
 BLOCKS_PER_INSTANCE = 8  # 128 tokens per instance: the static policy cannot hold LONG_PROMPT
 LONG_PROMPT = 150
+LONG_OUTPUT = 12
 
 
 def tiny_config() -> EngineConfig:
     return EngineConfig(
         cache=CacheConfig(block_size=BLOCK, num_blocks_per_instance=BLOCKS_PER_INSTANCE),
-        cluster=ClusterConfig(num_instances=2, rebalance_interval_steps=2),
+        # A short heartbeat: the timeline's block usage is the gManager's view, which lags by one.
+        cluster=ClusterConfig(num_instances=2, rebalance_interval_s=0.1, heartbeat_interval_s=0.02),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
     )
 
@@ -44,7 +49,8 @@ def tiny_config() -> EngineConfig:
 def tiny_trace() -> list[TraceRequest]:
     return [
         TraceRequest(request_id="short-0", arrival_time_s=0.0, prompt_len=20, output_len=5),
-        TraceRequest(request_id="long-0", arrival_time_s=0.0, prompt_len=LONG_PROMPT, output_len=4),
+        # Enough decode steps that its blocks are held across several heartbeats.
+        TraceRequest(request_id="long-0", arrival_time_s=0.0, prompt_len=LONG_PROMPT, output_len=LONG_OUTPUT),
         TraceRequest(request_id="short-1", arrival_time_s=0.02, prompt_len=33, output_len=3),
         TraceRequest(request_id="short-2", arrival_time_s=0.05, prompt_len=7, output_len=6),
     ]
@@ -61,11 +67,14 @@ def tiny_comparison(tmp_path_factory):
 def test_all_policies_run_and_write_json_and_png(tiny_comparison):
     outcome, out = tiny_comparison
     assert set(outcome["results"]) == set(POLICIES)
+    assert set(outcome["phases"]) == {"full", "equal_work"}
     assert outcome["json_path"] == out / "tiny.json"
     payload = json.loads(outcome["json_path"].read_text())
-    assert set(payload["results"]) == set(POLICIES)
-    assert set(payload["ratios"]) == {"infinite/static", "infinite/striped"}
-    assert payload["results"]["infinite"]["num_completed"] == len(tiny_trace())
+    assert set(payload["results"]) == {"full", "equal_work"}
+    assert set(payload["results"]["full"]) == set(POLICIES)
+    assert set(payload["ratios"]) == {"full", "common_in_full", "equal_work"}
+    assert set(payload["ratios"]["full"]) == {"infinite/static", "infinite/striped"}
+    assert payload["results"]["full"]["infinite"][0]["num_completed"] == len(tiny_trace())
     assert len(payload["trace"]) == len(tiny_trace())
     with open(outcome["plot_path"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -79,13 +88,24 @@ def test_static_rejects_the_long_request_that_infinite_serves(tiny_comparison):
     assert static.num_completed == len(tiny_trace()) - 1
     for served in (infinite, striped):
         assert served.num_rejected == 0
-        assert served.output_lens["long-0"] == 4
+        assert served.output_lens["long-0"] == LONG_OUTPUT
     # Serving it took more KV blocks at once than one instance's pool has.
     blocks_for_long = -(-LONG_PROMPT // BLOCK)
     assert blocks_for_long > BLOCKS_PER_INSTANCE
     for served in (infinite, striped):
         assert max(sum(s.blocks_used) for s in served.timeline) >= blocks_for_long
         assert max(served.mem_util_max) <= 1.0
+
+
+def test_equal_work_replays_only_the_requests_every_policy_served(tiny_comparison):
+    outcome = tiny_comparison[0]
+    assert outcome["common"] == ["short-0", "short-1", "short-2"]
+    equal = outcome["phases"]["equal_work"]
+    assert [r.request_id for r in equal.trace] == outcome["common"]
+    for runs in equal.runs.values():
+        assert runs[0].num_completed == 3 and runs[0].num_rejected == 0
+    # Every request fits its home: nothing is memory-bound, so nothing may move.
+    assert equal.runs["infinite"][0].migrated_blocks == 0
 
 
 def test_metrics_are_consistent_with_the_trace(tiny_comparison):
@@ -98,7 +118,9 @@ def test_metrics_are_consistent_with_the_trace(tiny_comparison):
         assert result.prompt_tokens == sum(trace[rid].prompt_len for rid in result.output_lens)
         # Every admitted request finished, so the per-step token counts add up to the total.
         assert sum(s.generated_tokens for s in result.timeline) == result.generated_tokens
-        assert result.elapsed_s > 0 and result.num_steps == len(result.timeline)
+        assert result.elapsed_s > 0 and result.num_steps > 0
+        assert set(result.finish_s) == set(result.output_lens)
+        assert max(result.finish_s.values()) == pytest.approx(result.elapsed_s)
         assert result.generated_tokens_per_s > 0
         assert result.total_tokens_per_s > result.generated_tokens_per_s
         for mean, peak in zip(result.mem_util_mean, result.mem_util_max):
@@ -106,8 +128,8 @@ def test_metrics_are_consistent_with_the_trace(tiny_comparison):
         assert result.num_preemptions >= 0 and result.migrated_blocks >= 0
     results = tiny_comparison[0]["results"]
     assert results["static"].migrated_blocks == 0 and results["striped"].migrated_blocks == 0
-    report = format_report(results, tiny_comparison[0]["ratios"])
-    assert "infinite/static" in report and "infinite/striped" in report
+    report = format_report(tiny_comparison[0])
+    assert "infinite/static" in report and "infinite/striped" in report and "equal work" in report
 
 
 def test_run_policy_uses_the_config_placement_and_same_prompts():
@@ -134,28 +156,56 @@ def test_bad_inputs_raise_clear_errors():
         build_trace("nonsense", 4, 1.0, 0)
     with pytest.raises(ValueError, match="num-requests"):
         build_trace("short", 0, 1.0, 0)
+    with pytest.raises(ValueError, match="capacity"):
+        build_trace("longtail", 4, 1.0, 0)
+    with pytest.raises(ValueError, match="repeats"):
+        compare_policies(tiny_config(), tiny_trace(), ["static"], repeats=0)
 
 
 def test_build_trace_is_seeded():
     a = build_trace("mixed", 6, 2.0, seed=5)
     b = build_trace("mixed", 6, 2.0, seed=5)
     assert a == b and len(a) == 6
+    assert build_trace("longtail", 6, 2.0, 5, capacity_tokens=8192) == build_trace("longtail", 6, 2.0, 5, 8192)
+
+
+def test_long_tail_workload_is_mostly_short_with_long_requests_of_a_third_to_half_the_cluster():
+    capacity = 4 * 128 * 16
+    spec = long_tail_workload(capacity, num_requests=2000)
+    trace = make_trace(spec)
+    long = [r for r in trace if r.prompt_len > spec.short_range[1]]
+    assert len(long) / len(trace) == pytest.approx(0.1, abs=0.02)
+    assert all(0.3 * capacity - 1 <= r.prompt_len <= 0.6 * capacity for r in long)
+    assert all(16 <= r.prompt_len <= 256 for r in trace if r not in long)
+
+
+def _result(policy: str, generated: int, elapsed: float, repeat: int = 0) -> PolicyResult:
+    return PolicyResult(
+        policy=policy, num_requests=2, num_completed=2, num_rejected=0, rejected={},
+        prompt_tokens=100, generated_tokens=generated, elapsed_s=elapsed, num_steps=1,
+        num_preemptions=0, migrated_blocks=0, blocks_per_instance=8,
+        mem_util_mean=[0.5], mem_util_max=[0.5], repeat=repeat,
+        output_lens={"a": generated // 2, "b": generated - generated // 2},
+        finish_s={"a": elapsed / 2, "b": elapsed},
+        timeline=[TimelineSample(0.1, 0.1, generated, [4], 1, 0)],
+    )
 
 
 def test_ratios_compare_infinite_with_both_baselines():
-    def result(policy: str, generated: int, elapsed: float) -> PolicyResult:
-        return PolicyResult(
-            policy=policy, num_requests=2, num_completed=2, num_rejected=0, rejected={},
-            prompt_tokens=100, generated_tokens=generated, elapsed_s=elapsed, num_steps=1,
-            num_preemptions=0, migrated_blocks=0, blocks_per_instance=8,
-            mem_util_mean=[0.5], mem_util_max=[0.5],
-            timeline=[TimelineSample(0.1, 0.1, generated, [4], 1, 0)],
-        )
-
-    ratios = policy_ratios({"static": result("static", 50, 1.0), "infinite": result("infinite", 50, 0.5)})
-    assert ratios["infinite/static"]["generated_tokens_per_s"] == pytest.approx(2.0)
-    assert ratios["infinite/static"]["total_tokens_per_s"] == pytest.approx(2.0)
-    assert "infinite/striped" not in ratios
+    trace = [TraceRequest("a", 0.0, 40, 25), TraceRequest("b", 0.0, 60, 25)]
+    runs = {"static": [_result("static", 50, 1.0), _result("static", 50, 2.0, 1)],
+            "infinite": [_result("infinite", 50, 0.5), _result("infinite", 50, 1.0, 1)]}
+    phases = {"full": PhaseRuns(trace, runs)}
+    common = common_request_ids(runs, trace)
+    assert common == ["a", "b"]
+    ratios = policy_ratios(phases, common)
+    full = ratios["full"]["infinite/static"]
+    assert full["generated_tokens_per_s"] == pytest.approx(2.0)  # medians: 75 / 37.5
+    assert full["total_tokens_per_s"] == pytest.approx(2.0)
+    assert full["generated_per_repeat"] == pytest.approx([2.0, 2.0])
+    assert ratios["common_in_full"]["infinite/static"]["generated_tokens_per_s"] == pytest.approx(2.0)
+    assert "infinite/striped" not in ratios["full"] and "equal_work" not in ratios
+    assert phases["full"].median_run("static").elapsed_s == 2.0  # the slower of two: lower median
 
 
 def test_cli_bench_defaults_are_a_small_multi_instance_cluster():
@@ -178,10 +228,10 @@ def test_make_grid_and_plans():
     prefill = {(1, 8, 8), (1, 16, 16), (4, 8, 8)}  # 4 x 16 = 64 tokens > 32 per step: left out
     assert shapes == decode | prefill
     assert GridPoint(4, 1, 512).kv_tokens == 2048 and GridPoint(4, 8, 8).num_tokens == 32
-    plan = build_plan(GridPoint(batch_size=3, chunk=5, context_len=40), block_size=16)
-    assert len(plan.seqs) == 3
-    assert all(w.end_pos == 40 and len(w.token_ids) == 5 and w.sample for w in plan.seqs)
-    refs = [ref for w in plan.seqs for ref in w.block_table]
+    batch = build_batch(GridPoint(batch_size=3, chunk=5, context_len=40), block_size=16)
+    assert len(batch) == 3
+    assert all(w.end_pos == 40 and len(w.token_ids) == 5 and w.sample for w in batch)
+    refs = [ref for w in batch for ref in w.block_table]
     assert len(refs) == len(set(refs)) == 3 * 3  # distinct blocks, ceil(40/16) per sequence
     with pytest.raises(ValueError, match="at least 4"):
         make_grid([1], [64], [8])

@@ -1,17 +1,17 @@
 """End-to-end engine tests: greedy tokens identical to HF transformers (float32), single instance
-and with the KV cache spread over several in-process instances; preemption; no leaked blocks."""
+and with the KV cache spread over several independent in-process instances; preemption,
+migration in flight, mutual borrowing, a straggler; no leaked blocks."""
 
 from __future__ import annotations
 
-import random
+import time
 
 import pytest
 
-from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
-from infinite_llm.control.migration import _Order
 from infinite_llm.control.scheduler import RequestTooLongError
 from infinite_llm.engine import LLM
 from infinite_llm.sampling import SamplingParams
+from tests.engine_helpers import assert_all_free, make_llm, prompts
 from tests.hf_fixtures import hf_greedy, write_tiny_checkpoint
 
 
@@ -29,119 +29,217 @@ def llama_checkpoint(tmp_path_factory):
     return path
 
 
-def _prompts(seed: int, lengths: list[int], vocab: int = 200) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+@pytest.fixture
+def engines():
+    """Collects LLMs and shuts them down: every instance runs threads of its own."""
+    made: list[LLM] = []
 
+    def make(*args, **kwargs) -> LLM:
+        llm = make_llm(*args, **kwargs)
+        made.append(llm)
+        return llm
 
-def _engine(path, *, instances=1, blocks=256, block_size=8, placement="infinite", batched_tokens=64,
-            max_num_seqs=16) -> LLM:
-    config = EngineConfig(
-        model=str(path),
-        cache=CacheConfig(block_size=block_size, num_blocks_per_instance=blocks),
-        cluster=ClusterConfig(num_instances=instances, placement=placement),
-        scheduler=SchedulerConfig(max_num_batched_tokens=batched_tokens, max_num_seqs=max_num_seqs),
-    )
-    return LLM(model=str(path), config=config)
-
-
-def _assert_all_free(llm: LLM) -> None:
-    kv = llm.engine.kv
-    kv.check_invariants()
-    for i in range(kv.num_instances):
-        assert kv.num_used_blocks(i) == 0, f"instance {i} leaked blocks"
+    yield make
+    for llm in made:
+        llm.shutdown()
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 
-def test_greedy_matches_hf_mixed_batch(checkpoint):
-    prompts = _prompts(0, [1, 5, 17, 40, 9])
-    llm = _engine(checkpoint, batched_tokens=24)  # chunked prefill: the 40-token prompt takes 2+ steps
-    outputs = llm.generate(prompts, GREEDY)
-    for prompt, out in zip(prompts, outputs):
+def test_greedy_matches_hf_mixed_batch(checkpoint, engines):
+    batch = prompts(0, [1, 5, 17, 40, 9])
+    llm = engines(checkpoint, batched_tokens=24)  # chunked prefill: the 40-token prompt takes 2+ steps
+    outputs = llm.generate(batch, GREEDY)
+    for prompt, out in zip(batch, outputs):
         assert out.output_token_ids == hf_greedy(checkpoint, prompt, 10)
         assert out.finish_reason == "length"
-    _assert_all_free(llm)
+    assert_all_free(llm)
 
 
-def test_greedy_matches_hf_with_preemption(llama_checkpoint):
-    prompts = _prompts(1, [30, 26, 33, 21, 28])
+def test_greedy_matches_hf_with_preemption(llama_checkpoint, engines):
+    batch = prompts(1, [30, 26, 33, 21, 28])
     # 12 blocks x 8 tokens = 96 slots, far fewer than the ~190 the batch wants at once.
-    llm = _engine(llama_checkpoint, blocks=12, batched_tokens=32)
+    llm = engines(llama_checkpoint, blocks=12, batched_tokens=32)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(batch, params)
     assert sum(o.num_preemptions for o in outputs) > 0, "the test must exercise preemption"
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(batch, outputs):
         assert out.output_token_ids == hf_greedy(llama_checkpoint, prompt, 12)
-    _assert_all_free(llm)
+    assert_all_free(llm)
 
 
 @pytest.mark.parametrize("placement", ["infinite", "striped"])
-def test_long_request_spread_over_instances_matches_hf(llama_checkpoint, placement):
-    (prompt,) = _prompts(2, [90])
-    # 3 instances x 6 blocks x 8 tokens: one instance holds 48 tokens, the request needs 110.
-    llm = _engine(llama_checkpoint, instances=3, blocks=6, placement=placement, batched_tokens=16)
+@pytest.mark.parametrize("instances", [2, 3, 4])
+def test_long_request_spread_over_instances_matches_hf(llama_checkpoint, engines, placement, instances):
+    (prompt,) = prompts(2, [90])
+    # 6 blocks x 8 tokens: one instance holds 48 tokens, the request needs 110.
+    blocks = 6 if instances > 2 else 10
+    llm = engines(llama_checkpoint, instances=instances, blocks=blocks, placement=placement, batched_tokens=16)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     outputs = llm.generate([prompt], params)
     assert outputs[0].output_token_ids == hf_greedy(llama_checkpoint, prompt, 20)
-    _assert_all_free(llm)
+    assert_all_free(llm)
 
 
-def test_distributed_batch_matches_single_instance(llama_checkpoint):
-    prompts = _prompts(3, [35, 12, 50, 7])
+@pytest.mark.parametrize("placement", ["static", "infinite", "striped"])
+def test_distributed_batch_matches_hf_for_every_policy(llama_checkpoint, engines, placement):
+    batch = prompts(3, [35, 12, 50, 7])
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    single = _engine(llama_checkpoint).generate(prompts, params)
-    llm = _engine(llama_checkpoint, instances=2, blocks=9, batched_tokens=24)
-    spread = llm.generate(prompts, params)
-    assert [o.output_token_ids for o in spread] == [o.output_token_ids for o in single]
-    _assert_all_free(llm)
+    llm = engines(llama_checkpoint, instances=3, blocks=9, batched_tokens=24, placement=placement)
+    outputs = llm.generate(batch, params)
+    for prompt, out in zip(batch, outputs):
+        assert out.output_token_ids == hf_greedy(llama_checkpoint, prompt, 8)
+    assert_all_free(llm)
 
 
-def test_migration_keeps_output_exact(llama_checkpoint):
-    (prompt,) = _prompts(4, [60])
+def test_preemption_with_borrowed_blocks_matches_hf(llama_checkpoint, engines):
+    """One home borrowing from a peer runs out of memory for its batch and preempts."""
+    batch = prompts(6, [30, 26, 33, 28])
+    # Home 0: 5 blocks + 4 lendable on instance 1 = 72 slots; two requests grow to 11 blocks.
+    llm = engines(llama_checkpoint, instances=2, blocks=5, batched_tokens=24)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for i, prompt in enumerate(batch):
+        llm.engine.add_request(f"p{i}", prompt, params, home=0)
+    final = {}
+    while llm.engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in llm.engine.step() if o.finished})
+    assert sum(o.num_preemptions for o in final.values()) > 0, "the test must exercise preemption"
+    assert llm.engine.cluster.instances[1].guests.num_served > 0, "the test must borrow"
+    for i, prompt in enumerate(batch):
+        assert final[f"p{i}"].output_token_ids == hf_greedy(llama_checkpoint, prompt, 12)
+    assert_all_free(llm)
+
+
+def _wait_first_token(engine, request_id: str, outputs: list) -> None:
+    deadline = time.monotonic() + 30
+    while not any(o.request_id == request_id and o.output_token_ids for o in outputs):
+        assert time.monotonic() < deadline, "no first token"
+        outputs.extend(engine.step())
+
+
+@pytest.mark.parametrize("direction", ["home_to_peer", "peer_to_home", "peer_to_peer"])
+def test_migration_in_flight_keeps_output_exact(llama_checkpoint, engines, direction):
+    (prompt,) = prompts(4, [60])
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    llm = _engine(llama_checkpoint, instances=2, blocks=32, batched_tokens=64)
+    # 5 blocks per instance: the 60-token prompt (8 blocks) borrows 3 from a peer.
+    blocks = 32 if direction == "home_to_peer" else 5
+    llm = engines(llama_checkpoint, instances=3, blocks=blocks, batched_tokens=64)
     engine = llm.engine
-    engine.migrations.enabled = True
-    engine.migrations.interval_steps = 10**9  # no automatic plans; we inject one order
-    engine.add_request("r", prompt, params)
-    engine.step()  # prefill: all 60 tokens' KV at home
-    home = engine.scheduler.requests["r"].home
-    engine.migrations.orders = [_Order("r", src=home, dst=1 - home, blocks_left=5)]
-    outputs = []
+    engine.add_request("r", prompt, params, home=0)
+    outputs: list = []
+    _wait_first_token(engine, "r", outputs)
+    holders = sorted({i for i in range(3) if i != 0})
+    if direction == "home_to_peer":
+        engine.order_migration("r", src=0, dst=1, num_blocks=5)
+    elif direction == "peer_to_home":
+        engine.add_request("filler", [5] * 9, SamplingParams(max_tokens=1), home=1)  # frees nothing on 0
+        engine.order_migration("r", src=_creditor(llm, "r"), dst=0, num_blocks=0)
+    else:
+        src = _creditor(llm, "r")
+        engine.order_migration("r", src=src, dst=[h for h in holders if h != src][0], num_blocks=2)
     while engine.has_unfinished_requests():
         outputs.extend(engine.step())
-    assert engine.migrations.num_migrated_blocks == 5
-    assert outputs[-1].output_token_ids == hf_greedy(llama_checkpoint, prompt, 16)
-    _assert_all_free(llm)
+    final = [o for o in outputs if o.request_id == "r"][-1]
+    assert final.output_token_ids == hf_greedy(llama_checkpoint, prompt, 16)
+    if direction != "peer_to_home":
+        assert sum(i.migrations.num_migrated_blocks for i in llm.engine.cluster.instances) > 0
+    assert_all_free(llm)
 
 
-def test_static_rejects_request_larger_than_instance(llama_checkpoint):
-    llm = _engine(llama_checkpoint, instances=2, blocks=4, placement="static")
+def _creditor(llm: LLM, request_id: str) -> int:
+    home = llm.engine.cluster.instances[0]
+    with home.lock:
+        return sorted(home.rm.borrowed_ledger[request_id])[0]
+
+
+def _run_pair(llm: LLM, expect_both_ways) -> dict:
+    engine = llm.engine
+    outputs: dict[str, object] = {}
+    deadline = time.monotonic() + 60
+    both_ways = False
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "mutual borrowing deadlocked"
+        for out in engine.step():
+            outputs[out.request_id] = out
+        both_ways |= expect_both_ways()
+    assert both_ways, "the test must make each instance hold blocks of the other's request"
+    return outputs
+
+
+@pytest.mark.parametrize("placement", ["striped", "infinite"])
+def test_mutual_borrowing_completes(llama_checkpoint, engines, placement):
+    """A borrows from B while B borrows from A, both decoding at once: no deadlock, HF-identical.
+    striped spreads both requests over both instances from the start; under infinite each home
+    moves blocks of its request to the other (lent blocks both ways)."""
+    a, b = prompts(7, [70, 66])
+    llm = engines(llama_checkpoint, instances=2, blocks=20, batched_tokens=32, placement=placement)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    engine = llm.engine
+    engine.add_request("a", a, params, home=0)
+    engine.add_request("b", b, params, home=1)
+    if placement == "infinite":
+        first: list = []
+        _wait_first_token(engine, "a", first)
+        _wait_first_token(engine, "b", first)
+        engine.order_migration("a", src=0, dst=1, num_blocks=3)
+        engine.order_migration("b", src=1, dst=0, num_blocks=3)
+    rms = [i.rm for i in llm.engine.cluster.instances]
+    outputs = _run_pair(llm, lambda: rms[0].num_borrowed > 0 and rms[1].num_borrowed > 0)
+    assert outputs["a"].output_token_ids == hf_greedy(llama_checkpoint, a, 24)
+    assert outputs["b"].output_token_ids == hf_greedy(llama_checkpoint, b, 24)
+    assert_all_free(llm)
+
+
+def test_straggler_does_not_block_other_instances(llama_checkpoint, engines):
+    """Requests homed on healthy instances, with no blocks on the slowed one, finish while the
+    straggler has done only a fraction of their steps."""
+    llm = engines(llama_checkpoint, instances=3, blocks=64, placement="static",
+                  debug_step_delay_s={2: 0.3})
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    batch = prompts(8, [12, 14, 10])
+    for i, prompt in enumerate(batch):
+        engine.add_request(f"r{i}", prompt, params, home=i)
+    done: dict[str, object] = {}
+    while "r0" not in done or "r1" not in done:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    slow = llm.engine.cluster.instances[2]
+    assert "r2" not in done and slow.num_steps < 24 / 2, (
+        f"the healthy instances waited for the straggler ({slow.num_steps} straggler steps)"
+    )
+    for i in (0, 1):
+        assert done[f"r{i}"].output_token_ids == hf_greedy(llama_checkpoint, batch[i], 24)
+
+
+def test_static_rejects_request_larger_than_instance(llama_checkpoint, engines):
+    llm = engines(llama_checkpoint, instances=2, blocks=4, placement="static")
     with pytest.raises(RequestTooLongError):
         llm.engine.add_request("big", list(range(3, 40)), SamplingParams(max_tokens=1))
     # The same request fits once the cluster's memory is pooled.
-    llm2 = _engine(llama_checkpoint, instances=2, blocks=4, placement="infinite")
+    llm2 = engines(llama_checkpoint, instances=2, blocks=4, placement="infinite")
     llm2.engine.add_request("big", list(range(3, 40)), SamplingParams(max_tokens=1))
 
 
-def test_abort_releases_local_and_remote_blocks(llama_checkpoint):
-    llm = _engine(llama_checkpoint, instances=2, blocks=4, batched_tokens=16)
+def test_abort_releases_local_and_remote_blocks(llama_checkpoint, engines):
+    llm = engines(llama_checkpoint, instances=2, blocks=4, batched_tokens=16)
     engine = llm.engine
-    engine.add_request("a", list(range(3, 50)), SamplingParams(max_tokens=5, ignore_eos=True))
-    for _ in range(4):
-        engine.step()
-    assert sum(engine.kv.num_used_blocks(i) for i in range(2)) > 4  # spans both instances
+    engine.add_request("a", list(range(3, 43)), SamplingParams(max_tokens=14, ignore_eos=True))
+    outputs: list = []
+    _wait_first_token(engine, "a", outputs)
+    used = [i.rm.pool.num_used for i in llm.engine.cluster.instances]
+    assert all(u > 0 for u in used), f"the request must span both instances, used {used}"
     engine.abort_request("a")
     outs = engine.step()
     assert outs and outs[0].finish_reason == "abort"
-    _assert_all_free(llm)
+    assert_all_free(llm)
     engine.abort_request("a")  # idempotent
 
 
-def test_stop_strings_max_tokens_and_seed(llama_checkpoint):
-    llm = _engine(llama_checkpoint)
+def test_stop_strings_max_tokens_and_seed(llama_checkpoint, engines):
+    llm = engines(llama_checkpoint)
     free = llm.generate(["hello world"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
     assert len(free.output_token_ids) == 8 and free.finish_reason == "length"
     if len(free.text) >= 3:
@@ -153,10 +251,45 @@ def test_stop_strings_max_tokens_and_seed(llama_checkpoint):
     a = llm.generate(["abc", "hello"], seeded)
     b = llm.generate(["hello"], seeded)
     assert a[1].output_token_ids == b[0].output_token_ids
+    assert_all_free(llm)
 
 
 def test_default_model_generates_offline():
     llm = LLM()
-    out = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))[0]
-    assert len(out.output_token_ids) == 5
-    assert isinstance(out.text, str)
+    try:
+        out = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))[0]
+        assert len(out.output_token_ids) == 5
+        assert isinstance(out.text, str)
+    finally:
+        llm.shutdown()
+
+
+def test_a_failing_request_fails_alone(llama_checkpoint, engines, monkeypatch):
+    """A fault in one request's sampling ends that request with an error; the others in the same
+    batch finish normally and the instance keeps serving."""
+    import infinite_llm.instance.runner as runner
+
+    real = runner.sample_tokens
+
+    def faulty(logits, params, num_generated, generator):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("injected sampling fault")
+        return real(logits, params, num_generated, generator)
+
+    monkeypatch.setattr(runner, "sample_tokens", faulty)
+    llm = engines(llama_checkpoint)
+    good = prompts(10, [9, 13])
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine.add_request("good0", good[0], greedy)
+    engine.add_request("bad", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=6, seed=666))
+    engine.add_request("good1", good[1], greedy)
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert final["bad"].finish_reason == "abort" and "injected sampling fault" in final["bad"].error
+    for i in (0, 1):
+        assert final[f"good{i}"].output_token_ids == hf_greedy(llama_checkpoint, good[i], 6)
+    again = llm.generate([good[0]], greedy)[0]  # still healthy
+    assert again.output_token_ids == final["good0"].output_token_ids
+    assert_all_free(llm)

@@ -1,14 +1,15 @@
-"""Instances as Ray actors with a gloo process group: a request spread over two actors gives the
-same greedy tokens as transformers. One embedded Ray start (~10-20 s) for the whole module."""
+"""Instances as Ray actors talking over ZeroMQ: a request spread over the actors gives the same
+greedy tokens as transformers, a migration between them keeps it exact, nothing leaks. One
+embedded Ray start (~10-20 s) for the whole module."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
-from infinite_llm.control.migration import _Order
-from infinite_llm.engine import LLM
 from infinite_llm.sampling import SamplingParams
+from tests.engine_helpers import assert_all_free, make_llm, prompts
 from tests.hf_fixtures import hf_greedy, write_tiny_checkpoint
 
 ray = pytest.importorskip("ray")
@@ -16,39 +17,30 @@ ray = pytest.importorskip("ray")
 
 def test_ray_instances_serve_request_larger_than_one_instance(tmp_path):
     write_tiny_checkpoint(tmp_path, arch="llama", seed=11)
-    config = EngineConfig(
-        model=str(tmp_path),
-        cache=CacheConfig(block_size=8, num_blocks_per_instance=6),
-        cluster=ClusterConfig(num_instances=2, backend="ray", placement="infinite"),
-        scheduler=SchedulerConfig(max_num_batched_tokens=16),
-    )
-    llm = LLM(model=str(tmp_path), config=config)
+    llm = make_llm(tmp_path, instances=2, blocks=6, batched_tokens=16, backend="ray")
     try:
         prompt = [3 + (i * 13) % 150 for i in range(60)]  # 60 + 12 tokens > 48 slots per instance
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         out = llm.generate([prompt], params)[0]
         assert out.output_token_ids == hf_greedy(tmp_path, prompt, 12)
-        kv = llm.engine.kv
-        kv.check_invariants()
-        assert all(kv.num_used_blocks(i) == 0 for i in range(2))
-        # Instances really are separate processes.
-        assert len(set(llm.engine.executor.pids)) == 2
+        assert_all_free(llm)
+        assert len(set(llm.engine.cluster.pids)) == 2  # instances really are separate processes
 
-        # Block migration between the actors (background copy on its own process group).
+        # Block migration between the actors, ordered while the request decodes.
         engine = llm.engine
-        migrated_before = engine.migrations.num_migrated_blocks
-        engine.migrations.interval_steps = 10**9  # no automatic plans; one injected order
-        prompt = prompt[:30]
-        engine.add_request("m", prompt, params)
-        while engine.scheduler.requests["m"].num_computed_tokens < len(prompt):
-            engine.step()
-        home = engine.scheduler.requests["m"].home
-        engine.migrations.orders = [_Order("m", src=home, dst=1 - home, blocks_left=2)]
+        (short,) = prompts(9, [30])
+        engine.add_request("m", short, params, home=0)
         outputs = []
+        while not any(o.output_token_ids for o in outputs):
+            outputs.extend(engine.step())
+        engine.order_migration("m", src=0, dst=1, num_blocks=2)
         while engine.has_unfinished_requests():
             outputs.extend(engine.step())
-        assert engine.migrations.num_migrated_blocks - migrated_before == 2
-        assert outputs[-1].output_token_ids == hf_greedy(tmp_path, prompt, 12)
-        assert all(kv.num_used_blocks(i) == 0 for i in range(2))
+        assert outputs[-1].output_token_ids == hf_greedy(tmp_path, short, 12)
+        assert_all_free(llm)
+        deadline = time.monotonic() + 5
+        while engine.stats().num_migrated_blocks < 2:  # heartbeats carry the counter
+            assert time.monotonic() < deadline, "the ordered migration did not happen"
+            time.sleep(0.05)
     finally:
         llm.shutdown()

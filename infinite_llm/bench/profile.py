@@ -6,8 +6,9 @@
 The scheduler's rebalancer needs to know how a step's time splits into a part that grows with
 the batch (non-attention layers: weights are read once per step, FLOPs grow with tokens) and a
 part that grows with the KV tokens the attention reads. We measure it directly: synthetic
-`StepPlan`s are handed to the engine's own executor, one grid point at a time, with every block
-on one instance (the perf model describes one instance's step). Each grid point is a batch of
+batches of `SeqWork` are handed to one instance's own `ModelRunner` (the code path an
+`InstanceEngine` step runs), one grid point at a time, with every block on that instance (the
+perf model describes one instance's step). Each grid point is a batch of
 `batch_size` sequences, each computing `chunk` new tokens on top of a context of
 `context_len` tokens: decode steps over several context lengths and first-chunk prefill steps
 (see `make_grid`), so the number of sequences, new tokens and KV tokens read vary
@@ -25,13 +26,16 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from infinite_llm.bench.cli_common import ensure_parent_dir, positive_int_list
 from infinite_llm.config import EngineConfig
 from infinite_llm.control.perf_model import PerfModel, ProfileSample
-from infinite_llm.control.plan import BlockRef, SeqWork, StepPlan
+from infinite_llm.control.plan import BlockRef, SampleResult, SeqWork
 from infinite_llm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from infinite_llm.instance.runner import ModelRunner
 
 DEFAULT_OUTPUT = "results/perf_model.json"
 DEFAULT_BATCH_SIZES = (1, 4, 16)
@@ -76,7 +80,7 @@ class FitQuality:
 def set_cpu_threads(num_threads: int, device: str) -> None:
     """Pin torch's intra-op threads for a CPU run (0: keep torch's default).
 
-    Why: the local executor runs the instances as threads of one process, and each of them uses
+    Why: the local backend runs the instances as threads of one process, and each of them uses
     torch's intra-op thread pool; on a small CPU box those multiply, and with any other load on
     the machine OpenMP's barriers then stretch identical steps 10-50x (measured on the 2-core
     dev box: a 4-sequence decode step took 12 ms with 1 thread and 640 ms with 2). Timings taken
@@ -128,19 +132,18 @@ def make_grid(
     return grid
 
 
-def build_plan(point: GridPoint, block_size: int, step_id: int = 0, instance: int = 0) -> StepPlan:
-    """A StepPlan for one grid point, all blocks on `instance`, distinct blocks per sequence
+def build_batch(point: GridPoint, block_size: int, instance: int = 0) -> list[SeqWork]:
+    """One step's batch for a grid point, all blocks on `instance`, distinct blocks per sequence
     (so attention really streams `kv_tokens` tokens of KV, not one cached block many times)."""
     blocks_per_seq = math.ceil(point.context_len / block_size)
     start = point.context_len - point.chunk
     greedy = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    seqs = []
+    batch = []
     for s in range(point.batch_size):
         first = s * blocks_per_seq
-        seqs.append(
+        batch.append(
             SeqWork(
                 request_id=f"profile-{s}",
-                home=instance,
                 # Token ids do not change the cost; a fixed small id is valid in every vocab.
                 token_ids=[1] * point.chunk,
                 start_pos=start,
@@ -149,23 +152,23 @@ def build_plan(point: GridPoint, block_size: int, step_id: int = 0, instance: in
                 sampling=greedy,
             )
         )
-    return StepPlan(step_id=step_id, block_size=block_size, seqs=seqs)
+    return batch
 
 
 def blocks_needed(grid: Sequence[GridPoint], block_size: int) -> int:
     return max(p.batch_size * math.ceil(p.context_len / block_size) for p in grid)
 
 
-def time_step(execute: Callable[[StepPlan], object], plan: StepPlan, warmup: int, repeats: int) -> float:
+def time_step(execute: Callable[[list[SeqWork]], object], batch: list[SeqWork], warmup: int, repeats: int) -> float:
     """Median wall time of `repeats` executions after `warmup` untimed ones."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
-        execute(plan)
+        execute(batch)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        execute(plan)
+        execute(batch)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -216,6 +219,48 @@ def profile_config(engine_config: EngineConfig, grid: Sequence[GridPoint]) -> En
     return config
 
 
+def _no_remote_send(dst: int, message: object) -> None:
+    # Every block of a profiled batch is on the runner's own instance: nothing is ever shipped.
+    raise RuntimeError(f"the profiler's runner has no peers (tried to send {type(message).__name__} to {dst})")
+
+
+class LocalRunner:
+    """One instance's model runner and KV pool, outside any engine: what an `InstanceEngine`
+    step executes, with no scheduler, peers or threads around it (for profiling and kernels
+    benchmarks). Every block a batch names must be on instance 0."""
+
+    def __init__(self, engine_config: EngineConfig, num_blocks: int) -> None:
+        import torch
+
+        from infinite_llm.instance.attention import PartialMailbox
+        from infinite_llm.instance.kv_cache import PagedKVCache
+        from infinite_llm.instance.runner import ModelRunner
+        from infinite_llm.model.loader import load_model
+
+        device = engine_config.cluster.device
+        dtype = engine_config.cache.dtype if engine_config.cache.dtype != "auto" else None
+        self.model_config, self.model = load_model(engine_config.model, device=device, dtype=dtype)
+        cache_config = copy.deepcopy(engine_config.cache)
+        cache_config.num_blocks_per_instance = num_blocks
+        self.block_size = cache_config.block_size
+        param_dtype = next(self.model.parameters()).dtype
+        self.cache = PagedKVCache(self.model_config, cache_config, param_dtype, torch.device(device))
+        self.runner: ModelRunner = ModelRunner(0, self.model, self.model_config, self.cache, torch.device(device),
+                                               _no_remote_send, PartialMailbox(), seed=engine_config.seed)
+        self._step = 0
+        self._cuda = device.startswith("cuda")
+
+    def execute(self, batch: list[SeqWork]) -> list[SampleResult]:
+        """One step (synchronised on CUDA, so a wall-clock timing covers the kernels)."""
+        self._step += 1
+        results = self.runner.execute(batch, self._step)
+        if self._cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return results
+
+
 def collect_samples(
     engine_config: EngineConfig,
     grid: Sequence[GridPoint],
@@ -223,30 +268,25 @@ def collect_samples(
     repeats: int = 7,
     progress: bool = False,
 ) -> list[ProfileSample]:
-    """Time every grid point on the real engine's executor."""
-    from infinite_llm.engine import LLMEngine
-
+    """Time every grid point on one instance's model runner."""
     config = profile_config(engine_config, grid)
-    engine = LLMEngine(config)
-    try:
-        points = list(grid)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    local = LocalRunner(config, config.cache.num_blocks_per_instance)
+    points = list(grid)
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-            bar = tqdm(total=len(points), desc="profile", unit="shape")
-        samples = []
-        for step_id, point in enumerate(points):
-            plan = build_plan(point, config.cache.block_size, step_id=step_id)
-            seconds = time_step(engine.executor.execute, plan, warmup, repeats)
-            samples.append(ProfileSample(point.batch_size, point.num_tokens, point.kv_tokens, seconds))
-            if bar is not None:
-                bar.update(1)
+        bar = tqdm(total=len(points), desc="profile", unit="shape")
+    samples = []
+    for point in points:
+        batch = build_batch(point, local.block_size)
+        seconds = time_step(local.execute, batch, warmup, repeats)
+        samples.append(ProfileSample(point.batch_size, point.num_tokens, point.kv_tokens, seconds))
         if bar is not None:
-            bar.close()
-        return samples
-    finally:
-        engine.shutdown()
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return samples
 
 
 def profile_engine(
@@ -326,7 +366,9 @@ __all__ = [
     "FitQuality",
     "make_grid",
     "set_cpu_threads",
-    "build_plan",
+    "build_batch",
+    "LocalRunner",
+    "time_step",
     "collect_samples",
     "fit_quality",
     "fit_profile",

@@ -1,10 +1,14 @@
 """gManager: the cluster-wide view of the distributed KV cache (pure Python, no torch).
 
-It never allocates anything itself. It learns each instance's block counts from rManager
-heartbeats, keeps the placement map (which instance holds how many blocks of which request,
-and where each request is homed; the debt ledger is derived from it), and answers "who can
-lend to me?" with candidate creditors, best first. The rebalancer plans migrations on top of
-this view.
+It never allocates anything itself, and it knows only what messages tell it. Every instance
+sends a `Heartbeat` on a period (block counts, load, and the placements of its requests that
+changed); from them the gManager keeps the global debt ledger (which instance holds how many
+blocks of which request, and where each request is homed), answers "who can lend to me?" with
+candidate creditors, best first, and periodically runs the greedy rebalancer on the perf model,
+whose moves go to the requests' homes as `MigrationOrder`s.
+
+Its view lags the instances by up to one heartbeat period: a creditor it names may have lent
+its blocks meanwhile and refuse, and the home then asks the next candidate.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Optional
 
-from infinite_llm.control.plan import BlockRef
-from infinite_llm.control.rmanager import InstanceStatus
+from infinite_llm.control.messages import Heartbeat, MigrationOrder, RequestPlacement
+from infinite_llm.control.perf_model import PerfModel
+from infinite_llm.control.rebalancer import InstanceView, RebalancerConfig, RequestKV, plan_migrations
 
 
 class GManager:
@@ -24,135 +29,117 @@ class GManager:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
         self.num_instances = num_instances
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self._status: list[Optional[InstanceStatus]] = [None] * num_instances
-        # request -> instance -> number of blocks held there.
-        self._placement: dict[str, Counter[int]] = {}
-        self._home: dict[str, int] = {}
+        self._status: list[Optional[Heartbeat]] = [None] * num_instances
+        self._received_at: list[float] = [0.0] * num_instances
+        self._placements: dict[str, RequestPlacement] = {}
 
     # ---------------------------------------------------------------- heartbeats
-    def heartbeat(self, status: InstanceStatus) -> None:
-        """Record a heartbeat. One older than the latest from that instance is ignored
-        (heartbeats may arrive out of order)."""
-        self._check_instance(status.instance_id)
-        current = self._status[status.instance_id]
-        if current is not None and status.timestamp < current.timestamp:
-            return
-        self._status[status.instance_id] = status
+    def heartbeat(self, beat: Heartbeat, now: float) -> bool:
+        """Record a heartbeat received at `now`; an older one than the latest of that instance
+        is ignored (False). Its placement changes update the debt ledger."""
+        self._check_instance(beat.instance)
+        current = self._status[beat.instance]
+        if current is not None and beat.seq <= current.seq:
+            return False
+        self._status[beat.instance] = beat
+        self._received_at[beat.instance] = now
+        for request_id in beat.removed:
+            placed = self._placements.get(request_id)
+            if placed is not None and placed.home == beat.instance:
+                del self._placements[request_id]
+        for placement in beat.placements:
+            self._placements[placement.request_id] = placement
+        return True
 
-    def status(self, instance_id: int) -> Optional[InstanceStatus]:
+    def status(self, instance_id: int) -> Optional[Heartbeat]:
         self._check_instance(instance_id)
         return self._status[instance_id]
 
     def alive_instances(self, now: float) -> list[int]:
-        """Instances whose latest heartbeat is at most `heartbeat_timeout_s` old at `now`."""
+        """Instances heard from at most `heartbeat_timeout_s` ago."""
         return [
-            i
-            for i, s in enumerate(self._status)
-            if s is not None and now - s.timestamp <= self.heartbeat_timeout_s
+            i for i, s in enumerate(self._status)
+            if s is not None and now - self._received_at[i] <= self.heartbeat_timeout_s
         ]
 
-    def _latest_timestamp(self) -> Optional[float]:
-        stamps = [s.timestamp for s in self._status if s is not None]
-        return max(stamps) if stamps else None
-
     # ------------------------------------------------------------- placement map
-    def record_placement(self, request_id: str, home: int, blocks: Iterable[BlockRef]) -> None:
-        """Add blocks of a request to the map. A request has one home for its whole life."""
-        self._check_instance(home)
-        refs = list(blocks)
-        for ref in refs:
-            self._check_instance(ref.instance)
-        known_home = self._home.get(request_id)
-        if known_home is not None and known_home != home:
-            raise ValueError(
-                f"request {request_id!r} is homed on instance {known_home}, not {home}"
-            )
-        if not refs and request_id not in self._placement:
-            return  # nothing to record; an empty request has no place in the map
-        self._home[request_id] = home
-        counts = self._placement.setdefault(request_id, Counter())
-        for ref in refs:
-            counts[ref.instance] += 1
-
-    def remove_placement(
-        self, request_id: str, blocks: Optional[Iterable[BlockRef]] = None
-    ) -> None:
-        """Remove some blocks of a request (or, with None, the whole request; idempotent).
-
-        Removing more blocks from an instance than recorded there raises ValueError and
-        changes nothing.
-        """
-        if blocks is None:
-            self._placement.pop(request_id, None)
-            self._home.pop(request_id, None)
-            return
-        refs = list(blocks)
-        if not refs:
-            return
-        counts = self._placement.get(request_id)
-        if counts is None:
-            raise ValueError(f"request {request_id!r} has no recorded placement")
-        removing = Counter(ref.instance for ref in refs)
-        for instance, n in removing.items():
-            if counts[instance] < n:
-                raise ValueError(
-                    f"request {request_id!r}: removing {n} blocks from instance {instance} "
-                    f"but only {counts[instance]} are recorded there"
-                )
-        counts.subtract(removing)
-        for instance in [i for i, n in counts.items() if n == 0]:
-            del counts[instance]
-        if not counts:
-            del self._placement[request_id]
-            del self._home[request_id]
-
     def placement(self, request_id: str) -> dict[int, int]:
-        """instance -> number of the request's blocks held there ({} if unknown)."""
-        return dict(sorted(self._placement.get(request_id, Counter()).items()))
+        """instance -> KV tokens of the request held there ({} if unknown)."""
+        placed = self._placements.get(request_id)
+        return dict(placed.tokens_by_instance) if placed else {}
 
     def home_of(self, request_id: str) -> Optional[int]:
-        return self._home.get(request_id)
+        placed = self._placements.get(request_id)
+        return placed.home if placed else None
 
     def requests(self) -> list[str]:
-        return list(self._placement)
+        return list(self._placements)
 
     def debt_ledger(self) -> dict[tuple[int, int], int]:
-        """(debtor = home, creditor) -> number of blocks the creditor holds for the debtor."""
+        """(debtor = home, creditor) -> KV tokens the creditor holds for the debtor."""
         debts: Counter[tuple[int, int]] = Counter()
-        for request_id, counts in self._placement.items():
-            home = self._home[request_id]
-            for instance, n in counts.items():
-                if instance != home:
-                    debts[(home, instance)] += n
+        for placed in self._placements.values():
+            for instance, tokens in placed.tokens_by_instance.items():
+                if instance != placed.home:
+                    debts[(placed.home, instance)] += tokens
         return dict(sorted(debts.items()))
 
     # ----------------------------------------------------------------- creditors
-    def candidate_creditors(
-        self, debtor: int, n_blocks: int, exclude: Iterable[int] = ()
-    ) -> list[int]:
-        """Instances that may lend to `debtor`, best first.
+    def candidate_creditors(self, debtor: int, n_blocks: int, now: float,
+                            exclude: Iterable[int] = ()) -> list[tuple[int, int]]:
+        """(instance, lendable) of instances that may lend to `debtor`, best first.
 
-        Candidates: every instance other than the debtor (and `exclude`) whose latest
-        heartbeat reports lendable > 0 and is not stale (at most `heartbeat_timeout_s` older
-        than the newest heartbeat seen: an instance that stopped reporting is presumed dead).
-        Those that can lend all `n_blocks` come first; within each group the most lendable
-        first (fewest creditors per request), ties by lowest id (deterministic).
+        Alive instances other than the debtor with lendable > 0 as last reported; those that can
+        lend all `n_blocks` first, then the most lendable (fewest creditors per request); ties
+        by lowest id.
         """
         self._check_instance(debtor)
         if n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
-        excluded = set(exclude)
-        latest = self._latest_timestamp()
-        candidates: list[InstanceStatus] = []
+        excluded = set(exclude) | {debtor}
+        candidates = [
+            (i, s.lendable) for i in self.alive_instances(now)
+            if i not in excluded and (s := self._status[i]) is not None and s.lendable > 0
+        ]
+        candidates.sort(key=lambda c: (c[1] < n_blocks, -c[1], c[0]))
+        return candidates
+
+    # ---------------------------------------------------------------- rebalancer
+    def cluster_view(self, block_size: int) -> tuple[list[InstanceView], list[RequestKV]]:
+        """The rebalancer's inputs, as the heartbeats describe the cluster."""
+        views = []
         for i, s in enumerate(self._status):
-            if i == debtor or i in excluded or s is None or s.lendable <= 0:
+            if s is None:
                 continue
-            assert latest is not None
-            if latest - s.timestamp > self.heartbeat_timeout_s:
-                continue
-            candidates.append(s)
-        candidates.sort(key=lambda s: (s.lendable < n_blocks, -s.lendable, s.instance_id))
-        return [s.instance_id for s in candidates]
+            load = s.load
+            if load.num_waiting:
+                avg = load.waiting_tokens / load.num_waiting
+            else:
+                avg = load.running_tokens / load.batch_size if load.batch_size else 0.0
+            views.append(InstanceView(
+                instance_id=i, num_blocks=s.num_blocks, num_free=s.num_free, lendable=s.lendable,
+                batch_size=load.batch_size, num_waiting_for_memory=load.num_waiting_for_memory,
+                avg_request_tokens=avg,
+            ))
+        known = {v.instance_id for v in views}
+        requests = [
+            RequestKV(
+                request_id=p.request_id, home=p.home, tokens_by_instance=dict(p.tokens_by_instance),
+                movable_blocks=dict(p.movable_blocks),
+            )
+            for p in self._placements.values()
+            if p.home in known and set(p.tokens_by_instance) <= known
+        ]
+        return views, requests
+
+    def plan_migrations(self, perf: PerfModel, config: RebalancerConfig) -> list[MigrationOrder]:
+        views, requests = self.cluster_view(config.block_size)
+        if len(views) < 2:
+            return []
+        return [
+            MigrationOrder(m.request_id, m.src, m.dst, m.num_blocks)
+            for m in plan_migrations(views, requests, perf, config)
+        ]
 
     def _check_instance(self, instance_id: int) -> None:
         if not isinstance(instance_id, int) or not 0 <= instance_id < self.num_instances:

@@ -1,241 +1,161 @@
-"""Turns the rebalancer's migration orders into bounded, reserve-first block moves (pure Python).
+"""A home instance's side of migration: orders in, bounded reserve-first block copies out.
 
-Every `rebalance_interval_steps` steps (infinite policy only) the coordinator builds the
-gManager's view of the cluster, asks the greedy rebalancer for migration orders, and queues them.
-A block moves in two phases, so that its copy overlaps a step's compute instead of delaying it:
-- issue (`issue_copies`, after the step is scheduled): at most the rate limit's worth of full
-  blocks (every slot computed, hence immutable) get a block reserved on the target first (a failed
-  reservation drops the order until the next rebalancing round) and a `BlockMove` in the plan.
-  The instances copy them in the background while they compute the step; the request's block
-  table still points at the source, which nobody writes.
-- commit (`commit_copies`, before the next step is scheduled): the table switches to the copy and
-  the source is released. Each instance waits for its outstanding copies before it executes the
-  next plan, so neither the copy nor a reused source block can be touched early. A copy whose
-  request finished, was aborted or preempted meanwhile is dropped (its reservation went with the
-  request's other blocks).
+The gManager sends `MigrationOrder`s (move k full blocks of request r from instance s to d; s
+may be the home or a creditor, d may be the home). The home carries them out across its steps:
+- issue (after scheduling a step): within the per-step rate limit, reserve blocks on d first (a
+  refused reservation drops the order; the gManager re-plans), then ask s to copy one full,
+  immutable block to each reserved block. The copy runs on s's and d's message pumps while
+  everyone computes; the table still points at the source, which nobody writes.
+- commit (at the home's next step boundary, once d confirmed the copy): the table switches to the
+  copy, d learns the block's table position, s releases the source. Per-pair message order makes
+  d know the block before the first query that reads it. A copy whose request finished, was
+  aborted or preempted meanwhile is dropped: its reservation went with the request's blocks,
+  and d never writes a block it does not hold for that request.
+Pure Python: the instance engine moves the bytes (`CopyLink`), the simulator prices them.
 """
 
 from __future__ import annotations
 
-import heapq
+import itertools
+import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
-from infinite_llm.config import ClusterConfig, EngineConfig, ModelConfig
-from infinite_llm.control.kv_manager import ClusterKVManager
-from infinite_llm.control.perf_model import PerfModel
-from infinite_llm.control.plan import BlockMove, BlockRef
-from infinite_llm.control.rebalancer import (
-    InstanceView,
-    Migration,
-    MigrationRateLimiter,
-    RebalancerConfig,
-    RequestKV,
-    plan_migrations,
-)
+from infinite_llm.control.home_kv import HomeKV
+from infinite_llm.control.messages import MigrationOrder
+from infinite_llm.control.plan import BlockRef
+from infinite_llm.control.request import Request
 
-if TYPE_CHECKING:
-    from infinite_llm.control.scheduler import Scheduler, SchedulerOutput
+
+class CopyLink(Protocol):
+    def start_copy(self, tag: int, request_id: str, src: BlockRef, dst: BlockRef) -> None:
+        """Copy src's payload into dst; report `copy_done(tag, ok)` to the home later."""
 
 
 @dataclass(frozen=True)
 class _Copy:
-    """A block copy issued this step, committed at the next."""
-
     request_id: str
     index: int  # position in the request's block table
     src: BlockRef
     dst: BlockRef
 
 
-@dataclass
-class _Order:
-    request_id: str
-    src: int
-    dst: int
-    blocks_left: int
-
-
-def default_perf_model(model_config: Optional[ModelConfig]) -> PerfModel:
-    """A rough CPU model used until a profile is loaded: weight reads dominate non-attention time,
-    attention costs grow with KV read. Only the ratios matter to the rebalancer's decisions."""
-    params = model_config.num_parameters() if model_config else 3_000_000
-    kv_per_token = model_config.kv_bytes_per_token() if model_config else 16_384
-    bandwidth = 10e9  # bytes/s, order of a CPU's memory bandwidth
-    return PerfModel(
-        t_fixed=4 * params / bandwidth,
-        t_per_token=2 * params / 50e9,
-        t_per_seq=20e-6,
-        t_per_kv_token=kv_per_token / bandwidth,
-    )
-
-
-class MigrationCoordinator:
-    def __init__(self, kv: ClusterKVManager, perf: PerfModel, interval_steps: int,
-                 tokens_per_step: int, enabled: Optional[bool] = None):
+class HomeMigrations:
+    def __init__(self, kv: HomeKV, tokens_per_step: int, link: Optional[CopyLink]) -> None:
+        if tokens_per_step < 0:
+            raise ValueError(f"migration tokens per step must be >= 0, got {tokens_per_step}")
         self.kv = kv
-        self.perf = perf
-        self.interval_steps = max(1, interval_steps)
-        # Only the infinite policy rebalances, and only when there is somewhere to move to.
-        self.enabled = (kv.placement == "infinite" and kv.num_instances > 1) if enabled is None else enabled
-        self.limiter = MigrationRateLimiter(tokens_per_step, kv.block_size)
-        self.rebalancer_config = RebalancerConfig(block_size=kv.block_size)
-        self.orders: list[_Order] = []
-        self.in_flight: list[_Copy] = []
-        self.num_migrated_blocks = 0  # committed copies
-        self.num_dropped_copies = 0  # issued, but the request was gone by the commit
+        self.link = link
+        self.blocks_per_step = tokens_per_step // kv.block_size
+        self.orders: deque[MigrationOrder] = deque()
+        self.in_flight: dict[int, _Copy] = {}
+        self._done: deque[tuple[int, bool]] = deque()  # appended by the message pump
+        self._lock = threading.Lock()
+        self._tags = itertools.count()
+        self.num_migrated_blocks = 0
+        self.num_dropped_copies = 0
         self.num_failed_reservations = 0
 
-    @classmethod
-    def for_engine(cls, config: EngineConfig, kv: ClusterKVManager, model_config: Optional[ModelConfig]) -> "MigrationCoordinator":
-        cluster: ClusterConfig = config.cluster
-        perf_path = getattr(cluster, "perf_model_path", None)
-        perf = PerfModel.load(perf_path) if perf_path else default_perf_model(model_config)
-        return cls(
-            kv, perf, cluster.rebalance_interval_steps, cluster.migration_tokens_per_step,
-        )
+    def add_order(self, order: MigrationOrder) -> None:
+        """A newer order for the same request replaces the older one (the gManager re-planned)."""
+        with self._lock:
+            self.orders = deque(o for o in self.orders if o.request_id != order.request_id)
+            self.orders.append(order)
 
-    # --------------------------------------------------------------- planning
-    def cluster_view(self, scheduler: "Scheduler") -> tuple[list[InstanceView], list[RequestKV]]:
-        bs = self.kv.block_size
-        load = scheduler.home_load()
-        requests: list[RequestKV] = []
-        for r in scheduler.running:
-            if r.home is None:
-                continue
-            table = self.kv.block_table(r.request_id)
-            by_instance: dict[int, int] = {}
-            for ref in table:
-                by_instance[ref.instance] = by_instance.get(ref.instance, 0) + bs
-            full = r.num_computed_tokens // bs
-            requests.append(
-                RequestKV(
-                    request_id=r.request_id,
-                    home=r.home,
-                    tokens_by_instance=by_instance,
-                    num_full_blocks_at_home=sum(1 for ref in table[:full] if ref.instance == r.home),
-                )
-            )
-        waiting_count, waiting_tokens = self._waiting_by_instance(scheduler)
-        views = []
-        for i, rm in enumerate(self.kv.rmanagers):
-            batch, tokens = load.get(i, (0, 0))
-            # The size of a request this instance would admit: those waiting for it, else the
-            # ones it runs (a single long request there says little about the next one).
-            if waiting_count[i]:
-                avg = waiting_tokens[i] / waiting_count[i]
-            else:
-                avg = tokens / batch if batch else 0.0
-            views.append(
-                InstanceView(
-                    instance_id=i,
-                    num_blocks=rm.pool.num_blocks,
-                    num_free=rm.num_free,
-                    lendable=rm.lendable,
-                    batch_size=batch,
-                    num_waiting_for_memory=waiting_count[i],
-                    avg_request_tokens=avg,
-                )
-            )
-        return views, requests
+    def copy_done(self, tag: int, ok: bool) -> None:
+        """Called from the message pump when the target confirms a copy."""
+        self._done.append((tag, ok))
 
-    def _waiting_by_instance(self, scheduler: "Scheduler") -> tuple[list[int], list[int]]:
-        """Waiting requests (and their tokens) per instance. A preempted request waits for its
-        home; one never dispatched goes where least-loaded dispatch would send it now (the most
-        free blocks, less what the requests placed before it in this estimate would take)."""
-        bs = self.kv.block_size
-        count = [0] * self.kv.num_instances
-        tokens = [0] * self.kv.num_instances
-        free = [(-rm.num_free, i) for i, rm in enumerate(self.kv.rmanagers)]
-        heapq.heapify(free)
-        for r in scheduler.waiting:
-            if r.home is not None:
-                target = r.home
-            else:
-                neg_free, target = heapq.heappop(free)
-                heapq.heappush(free, (neg_free + -(-r.num_tokens // bs), target))
-            count[target] += 1
-            tokens[target] += r.num_tokens
-        return count, tokens
+    def busy(self) -> bool:
+        return bool(self.in_flight or self.orders)
 
-    def commit_copies(self, scheduler: "Scheduler") -> int:
-        """Point block tables at last step's copies and release the sources (call before
-        scheduling, so the step's plan reads the copies). Returns the number committed."""
-        copies, self.in_flight = self.in_flight, []
-        running = {r.request_id for r in scheduler.running}
+    # ------------------------------------------------------------------ commit
+    def commit(self, running: dict[str, Request]) -> int:
+        """Switch tables to confirmed copies (call at the step boundary). Returns the count."""
         committed = 0
-        for copy in copies:
+        while self._done:
+            tag, ok = self._done.popleft()
+            copy = self.in_flight.pop(tag, None)
+            if copy is None:
+                continue
             if copy.request_id not in running or copy.dst not in self.kv.reservations(copy.request_id):
                 self.num_dropped_copies += 1
                 continue
-            table = self.kv.block_table(copy.request_id)
-            if table[copy.index] != copy.src:  # cannot happen while the request keeps running
+            if not ok:
+                self.kv.cancel_reservation(copy.request_id, [copy.dst])
+                self.num_dropped_copies += 1
+                continue
+            if self.kv.block_table(copy.request_id)[copy.index] != copy.src:
                 raise RuntimeError(f"block table of {copy.request_id!r} changed under an in-flight copy")
-            self.kv.replace_block(copy.request_id, copy.index, copy.dst)
+            self.kv.commit_move(copy.request_id, copy.index, copy.dst)
             committed += 1
         self.num_migrated_blocks += committed
         return committed
 
-    def issue_copies(self, scheduler: "Scheduler", step: int) -> list[BlockMove]:
-        """Reserve targets and return this step's block copies (call after scheduling: a request
-        the scheduler preempted this step no longer runs and gets none)."""
-        if not self.enabled:
-            return []
-        if self.in_flight:
-            raise RuntimeError("commit_copies() must run before new copies are issued")
-        if step % self.interval_steps == 0:
-            views, requests = self.cluster_view(scheduler)
-            self.orders = [
-                _Order(m.request_id, m.src, m.dst, m.num_blocks)
-                for m in plan_migrations(views, requests, self.perf, self.rebalancer_config)
-            ]
-        budget = self.limiter.blocks_allowed_this_step()
-        moves: list[BlockMove] = []
-        running = {r.request_id: r for r in scheduler.running}
-        copying: dict[str, set[int]] = {}
-        while self.orders and len(moves) < budget:
-            order = self.orders[0]
+    # ------------------------------------------------------------------- issue
+    def issue(self, running: dict[str, Request]) -> int:
+        """Reserve targets and start this step's copies (call after scheduling, so a request
+        preempted this step gets none). Returns the number of copies started."""
+        self._drop_stale(running)
+        budget = self.blocks_per_step
+        started = 0
+        while budget > started:
+            with self._lock:
+                if not self.orders:
+                    break
+                order = self.orders[0]
             request = running.get(order.request_id)
-            if request is None or order.blocks_left <= 0:
-                self.orders.pop(0)
+            indices = self._movable(order, request) if request is not None else []
+            take = min(len(indices), order.num_blocks, budget - started)
+            if take <= 0:
+                self._pop(order)
+                continue
+            tags = [next(self._tags) for _ in range(take)]
+            reserved = self.kv.reserve(order.request_id, order.dst, tags)
+            if not reserved:
+                self.num_failed_reservations += 1
+                self._pop(order)
                 continue
             table = self.kv.block_table(order.request_id)
-            full = request.num_computed_tokens // self.kv.block_size
-            busy = copying.setdefault(order.request_id, set())
-            movable = [i for i in range(full) if table[i].instance == order.src and i not in busy]
-            if not movable:
-                self.orders.pop(0)
-                continue
-            reserved = self.kv.reserve_on(order.dst, order.request_id, 1)
-            if not reserved:
-                # Reserve-first: no room on the target now; the next round re-plans.
-                self.num_failed_reservations += 1
-                self.orders.pop(0)
-                continue
-            # Move the request's latest full blocks first: the home keeps the prefix contiguous.
-            index = movable[-1]
-            busy.add(index)
-            self.in_flight.append(_Copy(order.request_id, index, table[index], reserved[0]))
-            moves.append(BlockMove(src=table[index], dst=reserved[0]))
-            order.blocks_left -= 1
-        self.limiter.record(len(moves))
-        return moves
+            for tag, index, dst in zip(tags, indices[-take:], reserved):  # latest full blocks first
+                self.in_flight[tag] = _Copy(order.request_id, index, table[index], dst)
+                assert self.link is not None
+                self.link.start_copy(tag, order.request_id, table[index], dst)
+            started += take
+            self._shrink(order, take)
+        return started
+
+    def _drop_stale(self, running: dict[str, Request]) -> None:
+        """Forget in-flight copies whose reservation is gone (the request finished, was aborted or
+        preempted since the copy started). Done before reserving anything: a freed target block
+        may be reserved again for the same request, and the stale copy must not commit into it."""
+        for tag, copy in list(self.in_flight.items()):
+            if copy.request_id not in running or copy.dst not in self.kv.reservations(copy.request_id):
+                del self.in_flight[tag]
+                self.num_dropped_copies += 1
+
+    def _movable(self, order: MigrationOrder, request: Request) -> list[int]:
+        """Table positions of full blocks at the order's source that are not being copied."""
+        full = request.num_computed_tokens // self.kv.block_size
+        table = self.kv.block_table(order.request_id)
+        busy = {c.index for c in self.in_flight.values() if c.request_id == order.request_id}
+        return [i for i in range(min(full, len(table))) if table[i].instance == order.src and i not in busy]
+
+    def _pop(self, order: MigrationOrder) -> None:
+        with self._lock:
+            if self.orders and self.orders[0] is order:
+                self.orders.popleft()
+
+    def _shrink(self, order: MigrationOrder, moved: int) -> None:
+        with self._lock:
+            if not self.orders or self.orders[0] is not order:
+                return
+            if order.num_blocks <= moved:
+                self.orders.popleft()
+            else:
+                self.orders[0] = MigrationOrder(order.request_id, order.src, order.dst, order.num_blocks - moved)
 
     def forget(self, request_id: str) -> None:
-        self.orders = [o for o in self.orders if o.request_id != request_id]
-
-
-def plan_step(kv: ClusterKVManager, scheduler: "Scheduler", migrations: MigrationCoordinator,
-              now: float, step: int) -> "SchedulerOutput":
-    """One step's control-plane decisions, in the order the engine and the simulator share:
-    heartbeats; commit last step's block copies (each instance finishes its own before executing,
-    and this step's plan is built from the tables); schedule; issue new copies, which run in the
-    background while the instances compute this step."""
-    kv.heartbeat(now, scheduler.home_load())
-    migrations.commit_copies(scheduler)
-    out = scheduler.schedule()
-    out.plan.migrations = migrations.issue_copies(scheduler, step)
-    return out
-
-
-__all__ = ["MigrationCoordinator", "default_perf_model", "Migration", "plan_step"]
+        with self._lock:
+            self.orders = deque(o for o in self.orders if o.request_id != request_id)

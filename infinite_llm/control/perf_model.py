@@ -420,3 +420,15 @@ __all__ = [
     "kv_token_capacity",
     "nnls",
 ]
+
+
+def default_perf_model(num_parameters: int = 3_000_000, kv_bytes_per_token: int = 16_384) -> PerfModel:
+    """A rough CPU model used until a profile is loaded: weight reads dominate non-attention time,
+    attention costs grow with KV read. Only the ratios matter to the rebalancer's decisions."""
+    bandwidth = 10e9  # bytes/s, order of a CPU's memory bandwidth
+    return PerfModel(
+        t_fixed=4 * num_parameters / bandwidth,
+        t_per_token=2 * num_parameters / 50e9,
+        t_per_seq=20e-6,
+        t_per_kv_token=kv_bytes_per_token / bandwidth,
+    )

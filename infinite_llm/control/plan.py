@@ -1,9 +1,4 @@
-"""The step plan: what the control plane tells every instance to do in one step.
-
-Pure Python (no torch). The same StepPlan object is sent to every instance; each instance
-derives from it, deterministically, which queries it ships to which peer and which guest
-queries it will receive, so no shapes need to be negotiated at run time.
-"""
+"""What one instance's scheduler hands its model runner for one step (pure Python, no torch)."""
 
 from __future__ import annotations
 
@@ -23,16 +18,15 @@ class BlockRef:
 
 @dataclass
 class SeqWork:
-    """One request's share of a step (a prefill chunk or one decode token).
+    """One request's share of a step on its home (a prefill chunk or one decode token).
 
     `block_table` lists the request's blocks in sequence order: token at absolute position p
     lives in block_table[p // block_size] at slot p % block_size. It covers at least
-    `start_pos + len(token_ids)` tokens. The forward pass runs on `home`; attention over
-    blocks held elsewhere is done there by MicroAttention on shipped queries.
+    `start_pos + len(token_ids)` tokens. Blocks held elsewhere are attended to there, by the
+    holder's attention service, on the queries this step ships.
     """
 
     request_id: str
-    home: int
     token_ids: list[int]
     start_pos: int
     block_table: list[BlockRef]
@@ -47,32 +41,11 @@ class SeqWork:
         return self.start_pos + len(self.token_ids)
 
 
-@dataclass(frozen=True)
-class BlockMove:
-    """Copy one full, immutable block's KV (all layers) from `src` to `dst` (migration)."""
-
-    src: BlockRef
-    dst: BlockRef
-
-
-@dataclass
-class StepPlan:
-    step_id: int
-    block_size: int
-    seqs: list[SeqWork] = field(default_factory=list)
-    # Block copies the instances run in the background during this step (the tables in `seqs`
-    # still point at `src`); each instance finishes its copies before it executes the next plan,
-    # whose tables point at `dst`.
-    migrations: list[BlockMove] = field(default_factory=list)
-
-    def is_empty(self) -> bool:
-        return not self.seqs and not self.migrations
-
-
 @dataclass
 class SampleResult:
-    """What an instance returns for a SeqWork with sample=True."""
+    """What the runner returns for a SeqWork with sample=True (error: this request failed)."""
 
     request_id: str
     token_id: int
     logprob: Optional[float] = None
+    error: Optional[str] = None

@@ -10,33 +10,21 @@ borrowing never cascades.
 Two ledgers make debts explicit on both sides:
 - the lender's ``lent`` ledger: borrower instance -> request -> block ids (on the lender),
 - the borrower's ``borrowed`` ledger: request -> creditor instance -> block ids (on the creditor).
-The cluster KV manager keeps them in agreement (see ``ClusterKVManager.check_invariants``).
+The two sides are kept in agreement by messages (borrow -> grant/refuse -> release; see
+`control/messages.py`) and checked by `control/invariants.py`.
+
+For blocks it lends, the rManager also records which position of the borrower's block table each
+holds (the guest index): a holder serves attention over a guest request by looking its blocks up
+here, so a query message names only the request, never its blocks. A migration reservation is a
+lent block without a position until the borrower attaches it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from infinite_llm.control.blocks import BlockPool
 from infinite_llm.control.plan import BlockRef
-
-
-@dataclass
-class InstanceStatus:
-    """A heartbeat: what the gManager knows about one instance."""
-
-    instance_id: int
-    num_blocks: int
-    num_free: int
-    num_lent: int
-    num_borrowed: int
-    lendable: int
-    # Load on the instance as the scheduler sees it; the rManager fills the number of requests
-    # it holds blocks for, the cluster KV manager overrides both with the scheduler's view.
-    num_home_requests: int
-    num_home_tokens: int
-    timestamp: float
 
 
 # Marks a block in `_holder` as used by a request homed on this instance (not lent).
@@ -60,6 +48,10 @@ class RManager:
         self._borrowed: dict[str, dict[int, list[int]]] = {}
         # block id -> (borrower or _OWN, request): who uses each allocated block, for O(1) release.
         self._holder: dict[int, tuple[int, str]] = {}
+        # request (homed elsewhere) -> table position -> block id, for attached lent blocks.
+        self._guest_index: dict[str, dict[int, int]] = {}
+        # reserved block -> the migration copy allowed to fill it.
+        self._copy_tags: dict[int, int] = {}
         self._num_lent = 0
         self._num_borrowed = 0
 
@@ -112,15 +104,22 @@ class RManager:
         return [BlockRef(self.instance_id, b) for b in ids]
 
     def lend(
-        self, borrower: int, request_id: str, n: int, *, ignore_cap: bool = False
+        self, borrower: int, request_id: str, n: int, indices: Optional[list[int]] = None
     ) -> Optional[list[BlockRef]]:
         """A remote allocation on behalf of instance `borrower`, from this pool only.
 
         Refused (None, nothing taken) if n exceeds the free blocks or would push the blocks
-        lent past `lend_cap`. `ignore_cap` is for the striped baseline, which models one big
-        pooled instance with no lending limit.
+        lent past `lend_cap`. `indices`: the table positions the blocks take (guest index);
+        None for a migration reservation, attached later.
         """
         _check_count(n)
+        if indices is not None:
+            if len(indices) != n or len(set(indices)) != n:
+                raise ValueError(f"lend of {n} blocks needs {n} distinct table positions, got {indices}")
+            taken = self._guest_index.get(request_id, {})
+            clash = [i for i in indices if i in taken]
+            if clash:
+                raise ValueError(f"request {request_id!r} already has blocks here at positions {clash}")
         if borrower == self.instance_id:
             raise ValueError(
                 f"instance {self.instance_id} cannot lend to itself; use allocate_local"
@@ -129,7 +128,7 @@ class RManager:
             raise ValueError(f"borrower instance must be >= 0, got {borrower}")
         if n > self.pool.num_free:
             return None
-        if not ignore_cap and self._num_lent + n > self.lend_cap:
+        if self._num_lent + n > self.lend_cap:
             return None
         ids = self.pool.allocate(n)
         if ids:
@@ -137,36 +136,50 @@ class RManager:
             for block in ids:
                 self._holder[block] = (borrower, request_id)
             self._num_lent += len(ids)
+            if indices is not None:
+                self._guest_index.setdefault(request_id, {}).update(zip(indices, ids))
         return [BlockRef(self.instance_id, b) for b in ids]
 
-    def reserve(self, borrower: int, request_id: str, n: int) -> Optional[list[BlockRef]]:
+    def reserve(self, borrower: int, request_id: str, n: int,
+                copy_tags: Optional[list[int]] = None) -> Optional[list[BlockRef]]:
         """Reserve-first space for a migration into this instance.
 
-        For another instance's request it is a lend (counted as lent, capped); for a request
-        homed here (a block moving back home) it is a local allocation.
+        For another instance's request it is a lend without table positions (counted as lent,
+        capped); for a request homed here (a block moving back home) a local allocation.
+        `copy_tags` name the copies that will fill the blocks: only the copy with a block's tag
+        may write it (`accepts_copy`), so a late copy of an aborted or preempted attempt can
+        never land in a block that was freed and reserved again.
         """
-        if borrower == self.instance_id:
-            return self.allocate_local(request_id, n)
-        return self.lend(borrower, request_id, n)
-
-    def borrow(
-        self, creditor: "RManager", request_id: str, n: int, *, reservation: bool = False,
-        ignore_cap: bool = False,
-    ) -> Optional[list[BlockRef]]:
-        """Ask `creditor` for n blocks for a request homed here and record the debt.
-
-        The creditor serves it from its own pool or refuses; it never turns to a third
-        instance. `reservation` asks for a migration reservation instead of a plain lend.
-        """
-        if creditor.instance_id == self.instance_id:
-            raise ValueError(f"instance {self.instance_id} cannot borrow from itself")
-        if reservation:
-            refs = creditor.reserve(self.instance_id, request_id, n)
-        else:
-            refs = creditor.lend(self.instance_id, request_id, n, ignore_cap=ignore_cap)
-        if refs:
-            self._record_borrowed(request_id, creditor.instance_id, [r.block for r in refs])
+        if copy_tags is not None and len(copy_tags) != n:
+            raise ValueError(f"reserve of {n} blocks needs {n} copy tags, got {len(copy_tags)}")
+        refs = self.allocate_local(request_id, n) if borrower == self.instance_id else self.lend(borrower, request_id, n)
+        if refs and copy_tags is not None:
+            self._copy_tags.update(zip((r.block for r in refs), copy_tags))
         return refs
+
+    def accepts_copy(self, request_id: str, block: int, tag: int) -> bool:
+        """Whether the copy `tag` may write `block` (reserved for it, for this request)."""
+        return self.holds(request_id, block) and self._copy_tags.get(block) == tag
+
+    def attach(self, request_id: str, index: int, block: int) -> None:
+        """A reserved lent block now holds table position `index` of the request."""
+        holder = self._holder.get(block)
+        if holder is None or holder[0] == _OWN or holder[1] != request_id:
+            raise ValueError(f"block {block} of instance {self.instance_id} is not lent for {request_id!r}")
+        table = self._guest_index.setdefault(request_id, {})
+        if index in table or block in table.values():
+            raise ValueError(f"request {request_id!r}: position {index} or block {block} is already attached")
+        table[index] = block
+        self._copy_tags.pop(block, None)
+
+    def guest_blocks(self, request_id: str) -> list[tuple[int, int]]:
+        """(table position, block id) of the attached blocks lent for the request, by position."""
+        return sorted(self._guest_index.get(request_id, {}).items())
+
+    def holds(self, request_id: str, block: int) -> bool:
+        """Whether `block` is allocated here for `request_id` (own, lent or reserved)."""
+        holder = self._holder.get(block)
+        return holder is not None and holder[1] == request_id
 
     def record_borrowed(self, request_id: str, creditor: int, blocks: Iterable[BlockRef]) -> None:
         """Home side of a lend arranged elsewhere (e.g. by the cluster KV manager)."""
@@ -207,17 +220,37 @@ class RManager:
         # Group by holder so each ledger list is filtered once (long requests free thousands).
         by_holder: dict[int, set[int]] = {}
         for block in ids:
+            self._copy_tags.pop(block, None)
             borrower, _ = self._holder.pop(block)
             by_holder.setdefault(borrower, set()).add(block)
         for borrower, gone in by_holder.items():
             if borrower == _OWN:
                 _remove_from(self._own, request_id, gone)
             else:
+                self._forget_guest(request_id, gone)
                 _remove_from(self._lent[borrower], request_id, gone)
                 if not self._lent[borrower]:
                     del self._lent[borrower]
                 self._num_lent -= len(gone)
         self.pool.free(ids)
+
+    def _forget_guest(self, request_id: str, gone: set[int]) -> None:
+        table = self._guest_index.get(request_id)
+        if table is None:
+            return
+        for index in [i for i, b in table.items() if b in gone]:
+            del table[index]
+        if not table:
+            del self._guest_index[request_id]
+
+    def release_lent(self, borrower: int, request_id: str, blocks: Optional[list[int]] = None) -> list[int]:
+        """Creditor side of a `ReleaseBlocks`: free the listed blocks lent to `borrower` for the
+        request (None: all of them). Returns the ids freed."""
+        held = self._lent.get(borrower, {}).get(request_id, [])
+        ids = list(held) if blocks is None else list(blocks)
+        if ids:
+            self.release(request_id, [BlockRef(self.instance_id, b) for b in ids])
+        return ids
 
     def forget_borrowed(self, request_id: str, creditor: int, blocks: Iterable[BlockRef]) -> None:
         """Home side of a release on `creditor`: drop those blocks from the borrowed ledger.
@@ -267,20 +300,6 @@ class RManager:
     def home_requests(self) -> list[str]:
         """Requests homed here that hold blocks here or elsewhere."""
         return sorted(set(self._own) | set(self._borrowed))
-
-    # ----------------------------------------------------------------- heartbeat
-    def heartbeat(self, now: float) -> InstanceStatus:
-        return InstanceStatus(
-            instance_id=self.instance_id,
-            num_blocks=self.pool.num_blocks,
-            num_free=self.num_free,
-            num_lent=self.num_lent,
-            num_borrowed=self.num_borrowed,
-            lendable=self.lendable,
-            num_home_requests=len(self.home_requests()),
-            num_home_tokens=0,
-            timestamp=now,
-        )
 
     def __repr__(self) -> str:
         return (

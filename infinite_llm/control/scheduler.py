@@ -8,12 +8,13 @@ Every step the scheduler spends a token budget (`max_num_batched_tokens`):
    KV manager cannot grow a request's block table, the newest running request is preempted (its
    blocks freed, its KV recomputed later) until the older one fits. Older requests therefore
    always make progress: no livelock.
-2. Then waiting requests in FIFO order, each given a home instance (least loaded), the KV
-   blocks of its whole prompt and a first prefill chunk, until the budget, `max_num_seqs` or the
-   KV memory runs out.
+2. Then waiting requests in FIFO order, each given the KV blocks of its whole prompt and a first
+   prefill chunk, until the budget, `max_num_seqs` or the KV memory runs out.
 
-The result is one `StepPlan` shared by all instances. The scheduler never touches tensors; the
-same code drives the real engine and the cluster simulator.
+Each instance has its own scheduler over the requests homed on it (the router picked the home):
+its own budget, batch and preemption; nothing is shared with other instances' schedulers. The
+result is the instance's batch (`SeqWork`s). The scheduler never touches tensors; the same code
+drives the real instances and the cluster simulator.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from infinite_llm.config import SchedulerConfig
-from infinite_llm.control.kv_manager import ClusterKVManager
-from infinite_llm.control.plan import SampleResult, SeqWork, StepPlan
+from infinite_llm.control.home_kv import HomeKV
+from infinite_llm.control.messages import InstanceLoad
+from infinite_llm.control.plan import SampleResult, SeqWork
 from infinite_llm.control.request import FinishReason, Request, RequestStatus
 
 
@@ -38,13 +40,13 @@ class RequestTooLongError(ValueError):
 
 @dataclass
 class SchedulerOutput:
-    plan: StepPlan
+    batch: list[SeqWork] = field(default_factory=list)
     scheduled: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: ClusterKVManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: HomeKV, max_context: int) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
@@ -53,17 +55,19 @@ class Scheduler:
             raise ValueError(f"long_prefill_token_threshold must be >= 1 or None, got {threshold}")
         self.config = config
         self.kv = kv
+        self._max_context = max_context
         self.block_size = kv.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._step_id = 0
+        self._blocked_on_memory = False  # the head of the waiting queue did not fit last step
         self.num_preemptions = 0  # cumulative, over all requests ever seen
 
     # ----------------------------------------------------------------- admission
     def max_context(self) -> int:
         """The longest context (prompt + output) one request can ever hold."""
-        return max(self.kv.max_tokens_for_request(i) for i in range(self.kv.num_instances))
+        return self._max_context
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -98,14 +102,17 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def home_load(self) -> dict[int, tuple[int, int]]:
-        """instance -> (running requests homed there, their tokens): the heartbeat's load figures."""
-        load: dict[int, tuple[int, int]] = {}
-        for r in self.running:
-            if r.home is not None:
-                n, t = load.get(r.home, (0, 0))
-                load[r.home] = (n + 1, t + r.num_tokens)
-        return load
+    def load(self) -> InstanceLoad:
+        """The heartbeat's load figures. Requests waiting while the pool is full (or that were
+        preempted) wait for memory."""
+        memory_short = bool(self.waiting) and (self._blocked_on_memory or any(r.num_preemptions for r in self.waiting))
+        return InstanceLoad(
+            batch_size=len(self.running),
+            num_waiting=len(self.waiting),
+            num_waiting_for_memory=len(self.waiting) if memory_short else 0,
+            waiting_tokens=sum(r.num_tokens for r in self.waiting),
+            running_tokens=sum(r.num_tokens for r in self.running),
+        )
 
     @property
     def num_running(self) -> int:
@@ -116,19 +123,6 @@ class Scheduler:
         return len(self.waiting)
 
     # ---------------------------------------------------------------- scheduling
-    def _choose_home(self, request: Request) -> int:
-        """Least-loaded dispatch: the instance with the most free blocks (ties: fewest homes)."""
-        homes = [0] * self.kv.num_instances
-        for r in self.running:
-            if r.home is not None:
-                homes[r.home] += 1
-        candidates = [
-            i
-            for i in range(self.kv.num_instances)
-            if self.kv.max_tokens_for_request(i) >= request.num_prompt_tokens + 1
-        ] or list(range(self.kv.num_instances))
-        return max(candidates, key=lambda i: (self.kv.num_free_blocks(i), -homes[i], -i))
-
     @staticmethod
     def _is_decoding(request: Request) -> bool:
         """Only the newest token is left to compute (a recomputing request after preemption is
@@ -168,8 +162,7 @@ class Scheduler:
                 index += 1
                 continue
             target = request.num_computed_tokens + num_new
-            assert request.home is not None
-            while not self.kv.allocate(request.request_id, request.home, target):
+            while not self.kv.allocate(request.request_id, target):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -184,6 +177,7 @@ class Scheduler:
 
         # 2. waiting requests, FIFO (no admission while anything was preempted this step:
         #    memory is short, and the preempted request is first in line anyway).
+        self._blocked_on_memory = False
         while (
             self.waiting
             and budget > 0
@@ -191,38 +185,35 @@ class Scheduler:
             and not preempted
         ):
             request = self.waiting[0]
-            home = request.home if request.home is not None else self._choose_home(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, chunk_cap, budget)
             # Admission takes the KV of the whole prompt, not just this chunk: prompts admitted
             # chunk by chunk would run out of memory halfway and preempt each other, and a
             # preempted prompt's computed chunks are lost (recompute).
-            if not self.kv.allocate(request.request_id, home, request.num_tokens):
+            if not self.kv.allocate(request.request_id, request.num_tokens):
+                self._blocked_on_memory = True
                 break
             self.waiting.popleft()
-            request.home = home
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append((request, num_new))
             budget -= num_new
 
-        plan = StepPlan(step_id=self._step_id, block_size=self.block_size)
+        batch = []
         for request, num_new in scheduled:
             start = request.num_computed_tokens
             end = start + num_new
-            assert request.home is not None
-            plan.seqs.append(
+            batch.append(
                 SeqWork(
                     request_id=request.request_id,
-                    home=request.home,
                     token_ids=request.token_slice(start, end),
                     start_pos=start,
-                    block_table=self.kv.block_table(request.request_id),  # already a copy
+                    block_table=list(self.kv.block_table(request.request_id)),
                     sample=end == request.num_tokens,
                     sampling=request.sampling,
                     num_generated=len(request.output_token_ids),
                 )
             )
-        return SchedulerOutput(plan=plan, scheduled=[r for r, _ in scheduled], preempted=preempted)
+        return SchedulerOutput(batch=batch, scheduled=[r for r, _ in scheduled], preempted=preempted)
 
     # -------------------------------------------------------------------- update
     def update(self, output: SchedulerOutput, results: Iterable[SampleResult], now: float) -> list[Request]:
@@ -232,7 +223,7 @@ class Scheduler:
         """
         sampled = {r.request_id: r for r in results}
         progressed: list[Request] = []
-        for work in output.plan.seqs:
+        for work in output.batch:
             request = self.requests.get(work.request_id)
             if request is None or request.is_finished:
                 continue  # aborted while the step ran
@@ -242,6 +233,10 @@ class Scheduler:
             result = sampled.get(work.request_id)
             if result is None:
                 raise RuntimeError(f"no sample returned for request {work.request_id!r}")
+            if result.error is not None:
+                self._finish(request, FinishReason.ABORT, now)
+                progressed.append(request)
+                continue
             request.output_token_ids.append(result.token_id)
             if request.first_token_time is None:
                 request.first_token_time = now

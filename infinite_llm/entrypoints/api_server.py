@@ -3,26 +3,45 @@
 Endpoints: /v1/completions, /v1/chat/completions (streaming as server-sent events or not),
 /v1/models, /health, /metrics (Prometheus). Errors use OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (FastAPI's 422 validation
-answers are turned into 400), 404 for an unknown model, 429 when the waiting queue is full, 503
-once the engine died. A client that disconnects gets its requests aborted in the engine, which
-frees all their KV blocks, local and remote.
+answers are turned into 400; a bad sampling parameter names itself in `param`), 404 for an
+unknown model, 413 for a body over `max_request_bytes` (refused before it is parsed), 429 when
+the waiting queue is full, 503 once the engine died or while the server shuts down. A client that
+disconnects gets its requests aborted in the engine, which frees all their KV blocks, local and
+remote.
+
+String prompts and chat templates are tokenized here, in worker threads, and the engine gets
+token ids: tokenizing in the engine thread would stall every running stream for as long as the
+biggest prompt takes (seconds for megabytes of text).
+
+`run_server` shuts down in bounded time: on SIGTERM/SIGINT new requests get 503, running ones
+may finish for up to `shutdown_timeout_s`, then the rest are aborted (a stream's last event is an
+error saying why, a non-streamed request gets 503) and the process exits 0. A second signal exits
+at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import queue
+import signal
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Sequence, Union
 
-from fastapi import FastAPI, Request
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infinite_llm.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from infinite_llm.config import EngineConfig
@@ -48,9 +67,21 @@ from infinite_llm.entrypoints.openai_protocol import (
 from infinite_llm.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+# Shutdown progress goes where uvicorn reports its own (configured by uvicorn, --log-level).
+_server_log = logging.getLogger("uvicorn.error")
 
 # One HTTP request may fan out to at most this many engine requests (prompts x n).
 MAX_CHOICES_PER_REQUEST = 64
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+SHUTDOWN_MESSAGE = "server shutting down"
+# After the shutdown timeout aborted the remaining requests, their responses end within a step;
+# this bounds the wait for them (and uvicorn's wait for connections) if a client stops reading.
+_ABORT_GRACE_S = 5.0
+# A refused body is still read (and dropped) up to this size: a server that answers without
+# reading what the client is sending makes the client's kernel see a reset, and the client
+# usually loses the answer. Bigger bodies are cut off.
+_DISCARD_LIMIT = 64 << 20
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _SSE_DONE = "data: [DONE]\n\n"
 
@@ -64,6 +95,10 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+class ServerShuttingDownError(RuntimeError):
+    """The server is shutting down: the request was refused, or aborted after the timeout."""
 
 
 def error_response(status: int, message: str, type: str, param: Optional[str] = None,
@@ -81,10 +116,253 @@ def _api_error_from(exc: BaseException) -> APIError:
     if isinstance(exc, RequestTooLongError):
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, (ValueError, TypeError)):
-        return APIError(400, str(exc))
+        # SamplingParamError (a ValueError) names the offending field.
+        return APIError(400, str(exc), param=getattr(exc, "param", None))
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), "service_unavailable", code="engine_dead")
+    if isinstance(exc, ServerShuttingDownError):
+        return APIError(503, str(exc), "service_unavailable", code="shutting_down")
     return APIError(500, f"internal error: {exc!r}", "internal_error")
+
+
+# --------------------------------------------------------------- blocking work off the loop
+class WorkerPool:
+    """A few daemon threads for blocking calls (tokenization) made from async code.
+
+    Not `asyncio.to_thread`/`concurrent.futures`: their worker threads are joined when the loop
+    or the interpreter exits, so a huge prompt being tokenized would hold up a bounded shutdown.
+    Threads start on first use.
+    """
+
+    def __init__(self, num_threads: int = min(4, os.cpu_count() or 1), name: str = "api-worker") -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._num_threads, self._name = max(1, num_threads), name
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker thread; its result or exception."""
+        self._start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return await future
+
+    def _start(self) -> None:
+        with self._lock:
+            while len(self._threads) < self._num_threads:
+                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _work(self) -> None:
+        while True:
+            loop, future, fn, args = self._jobs.get()
+            if future.cancelled():  # the caller gave up (e.g. the client disconnected) before we started
+                continue
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of `texts`; runs in a worker thread.
+
+    `encode_batch` of the `tokenizers` library releases the GIL while it works; its `encode`
+    holds it for the whole call, which would freeze the event loop and the engine thread (so
+    every stream) just as much as tokenizing in the engine did.
+    """
+    backend = getattr(tokenizer, "backend", None)
+    try:
+        if backend is not None and hasattr(backend, "encode_batch"):
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        return [tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+    except TypeError as exc:
+        for text in texts:  # the one way a Python str is not valid text: a lone surrogate
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as bad:
+                raise ValueError(f"the text is not valid Unicode: lone surrogate {text[bad.start]!r} "
+                                 f"at character {bad.start}") from exc
+        raise
+
+
+def _encode_chat(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Render the chat template and tokenize it; runs in a worker thread."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # The template already carries the special tokens (BOS); do not add them twice.
+    return _encode(tokenizer, [text], add_special_tokens=False)[0]
+
+
+def _decode_all(tokenizer: Any, prompts: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(p) for p in prompts]
+
+
+# ----------------------------------------------------------------------- body size limit
+class _BodyTooLarge(StarletteHTTPException):
+    # An HTTPException, so that FastAPI's body reading passes it through instead of turning it
+    # into "There was an error parsing the body" (400).
+    def __init__(self, limit: int, seen: Optional[int] = None) -> None:
+        size = f" ({seen} bytes)" if seen is not None else ""
+        super().__init__(413, f"the request body{size} exceeds this server's limit of {limit} bytes "
+                              "(--max-request-bytes)")
+
+
+def _too_large_response(exc: _BodyTooLarge) -> JSONResponse:
+    return error_response(413, str(exc.detail), "invalid_request_error", code="request_too_large")
+
+
+async def _discard_body(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a refused body (see `_DISCARD_LIMIT`)."""
+    seen = 0
+    while seen <= budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+class BodyLimitMiddleware:
+    """Answer 413 to a request whose body exceeds `max_bytes`, before anything parses it.
+
+    A declared Content-Length over the limit is refused at once. Otherwise the bytes are counted
+    as they arrive (chunked uploads declare no length), and the request fails as soon as the
+    count passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = _content_length(headers.get(b"content-length"))
+        if declared is not None and declared > self.max_bytes:
+            # A client waiting for "100 Continue" has not sent the body, and never will now.
+            if headers.get(b"expect", b"").lower() != b"100-continue" and declared <= _DISCARD_LIMIT:
+                await _discard_body(receive, declared)
+            await _too_large_response(_BodyTooLarge(self.max_bytes, declared))(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    if message.get("more_body", False):
+                        await _discard_body(receive, _DISCARD_LIMIT - seen)
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _BodyTooLarge as exc:  # raised where no exception handler turned it into a 413
+            await _too_large_response(exc)(scope, receive, send)
+
+
+def _content_length(raw: Optional[bytes]) -> Optional[int]:
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None  # the HTTP layer rejects a malformed Content-Length; nothing to add here
+
+
+# ------------------------------------------------------------------------------ lifecycle
+class ServerLifecycle:
+    """In-flight requests and the shutdown state of one app.
+
+    `LifecycleMiddleware` counts the HTTP requests being served (a streamed response counts until
+    its last byte is sent); handlers refuse new work once `draining`, and register their engine
+    streams so that `drain()` can abort whatever outlives the timeout.
+    """
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.aborted = False
+        self.num_inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Weak: a stream whose response is gone needs no abort and must not be kept alive.
+        self._streams: "weakref.WeakSet[RequestStream]" = weakref.WeakSet()
+
+    def request_started(self) -> None:
+        self.num_inflight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.num_inflight -= 1
+        if self.num_inflight == 0:
+            self._idle.set()
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise APIError(503, f"{SHUTDOWN_MESSAGE}: not accepting new requests", "service_unavailable",
+                           code="shutting_down")
+
+    def track(self, streams: Sequence[RequestStream]) -> None:
+        """Register admitted streams; past the timeout they are aborted straight away."""
+        for stream in streams:
+            if self.aborted:
+                stream.fail(ServerShuttingDownError(SHUTDOWN_MESSAGE))
+            else:
+                self._streams.add(stream)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no request is in flight; False if that takes longer than `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting, let in-flight requests finish for up to `timeout_s`, then abort the
+        rest. Returns the number of engine requests aborted."""
+        self.draining = True
+        if await self.wait_idle(timeout_s):
+            return 0
+        self.aborted = True
+        running = [s for s in list(self._streams) if not s.finished]
+        for stream in running:
+            stream.fail(ServerShuttingDownError(SHUTDOWN_MESSAGE))
+        await self.wait_idle(_ABORT_GRACE_S)
+        return len(running)
+
+
+class LifecycleMiddleware:
+    """Counts in-flight HTTP requests for `ServerLifecycle` (the ASGI call of a streamed
+    response returns only after its last chunk)."""
+
+    def __init__(self, app: ASGIApp, lifecycle: ServerLifecycle) -> None:
+        self.app, self.lifecycle = app, lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.lifecycle.request_started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.request_finished()
 
 
 # ------------------------------------------------------------------------- request planning
@@ -95,7 +373,7 @@ class _Choice:
     index: int
     prompt_index: int
     request_id: str
-    prompt: Union[str, list[int]]
+    prompt: list[int]
     params: SamplingParams
 
 
@@ -156,17 +434,46 @@ def _normalize_prompts(prompt: Any) -> list[Union[str, list[int]]]:
     return prompts
 
 
-def _plan_choices(base_id: str, prompts: list[Union[str, list[int]]], n: int, make_params) -> list[_Choice]:
-    choices = []
-    for p_idx, prompt in enumerate(prompts):
-        for j in range(n):
-            index = p_idx * n + j
-            try:
-                params = make_params(j)
-            except ValueError as exc:
-                raise APIError(400, str(exc)) from exc
-            choices.append(_Choice(index, p_idx, f"{base_id}-{index}", prompt, params))
-    return choices
+def _make_params(n: int, make_params: Callable[[int], SamplingParams]) -> list[SamplingParams]:
+    """The sampling params of choices 0..n-1 of each prompt, validated before any tokenizing."""
+    try:
+        return [make_params(j) for j in range(n)]
+    except ValueError as exc:  # SamplingParamError names the field
+        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from exc
+
+
+def _plan_choices(base_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> list[_Choice]:
+    n = len(params)
+    return [
+        _Choice(p_idx * n + j, p_idx, f"{base_id}-{p_idx * n + j}", prompt, params[j])
+        for p_idx, prompt in enumerate(prompts)
+        for j in range(n)
+    ]
+
+
+def _check_fits_context(engine: AsyncLLMEngine, prompt: list[int], param: str) -> None:
+    # A prompt with no room left for one output token can never run. Refusing it here spares the
+    # engine thread an O(prompt) validation of a request it would refuse anyway.
+    limit = engine.model_config.max_position_embeddings
+    if len(prompt) + 1 > limit:
+        raise APIError(400, f"the prompt has {len(prompt)} tokens; the model's context of {limit} tokens "
+                            "leaves no room for a completion", param=param, code="context_length_exceeded")
+
+
+async def _tokenize_prompts(workers: WorkerPool, engine: AsyncLLMEngine,
+                            prompts: list[Union[str, list[int]]]) -> list[list[int]]:
+    """Token ids of every prompt; the string ones are tokenized in a worker thread, together."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded: Iterator[list[int]] = iter(())
+    if texts:
+        try:
+            encoded = iter(await workers.run(_encode, engine.tokenizer, texts, True))
+        except ValueError as exc:
+            raise APIError(400, f"cannot tokenize the prompt: {exc}", param="prompt") from exc
+    token_lists = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+    for ids in token_lists:
+        _check_fits_context(engine, ids, "prompt")
+    return token_lists
 
 
 async def _admit(engine: AsyncLLMEngine, choices: list[_Choice], arrival: float) -> list[RequestStream]:
@@ -271,37 +578,139 @@ def _sse_error(exc: BaseException) -> str:
     return _sse(body.model_dump())
 
 
-# ------------------------------------------------------------------------------- the app
-def build_app(engine: AsyncLLMEngine) -> FastAPI:
-    """The FastAPI app serving `engine`. The caller owns the engine's lifetime."""
-    app = FastAPI(title="Infinite-LLM OpenAI-compatible server")
-    app.state.engine = engine
+# -------------------------------------------------------------------------------- routes
+# Routes read the engine and helpers from `request.app.state` (set by `build_app`), so one
+# module-level router serves any number of apps.
+router = APIRouter()
 
+
+def _engine(request: Request) -> AsyncLLMEngine:
+    return request.app.state.engine
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    engine = _engine(request)
+    if request.app.state.lifecycle.draining:  # load balancers should stop sending work here
+        return error_response(503, SHUTDOWN_MESSAGE, "service_unavailable", code="shutting_down")
+    if engine.is_healthy:
+        return JSONResponse({"status": "ok"})
+    return error_response(503, f"the engine is not running: {engine.dead_error}", "service_unavailable",
+                          code="engine_dead")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    engine = _engine(request)
+    if engine.metrics is None:
+        return error_response(503, "metrics unavailable: the engine did not start", "service_unavailable")
+    stats = engine.latest_stats()
+    if stats is not None:
+        engine.metrics.update_engine_stats(stats)
+    body, content_type = engine.metrics.render()
+    return Response(content=body, media_type=content_type)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    engine = _engine(request)
+    cfg = engine.model_config
+    card = ModelCard(id=engine.model_name, max_model_len=cfg.max_position_embeddings, vocab_size=cfg.vocab_size)
+    return JSONResponse(ModelList(data=[card]).model_dump())
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    arrival = time.monotonic()
+    engine, state = _engine(request), request.app.state
+    state.lifecycle.check_accepting()
+    _check_model(engine, body.model)
+    _check_supported(body.unsupported_fields())
+    prompts = _normalize_prompts(body.prompt)
+    _check_n(body.n, len(prompts))
+    params = _make_params(body.n, body.to_sampling_params)
+    base_id = f"cmpl-{uuid.uuid4().hex}"
+    choices = _plan_choices(base_id, await _tokenize_prompts(state.workers, engine, prompts), params)
+    echo = [""] * len(prompts)
+
+    async def decode_echo() -> None:
+        # Decoded only once the engine admitted the prompts, so a bad token id gets the
+        # engine's 400, not a decoding error.
+        ids = [p for p in prompts if not isinstance(p, str)]
+        decoded = iter(await state.workers.run(_decode_all, engine.tokenizer, ids) if ids else ())
+        echo[:] = [p if isinstance(p, str) else next(decoded) for p in prompts]
+
+    def events(created: int, streams: list[RequestStream]) -> AsyncIterator[str]:
+        return _completion_events(engine, body, base_id, created, choices, streams, echo)
+
+    def response(created: int, by_index: dict[int, RequestOutput]) -> CompletionResponse:
+        return CompletionResponse(
+            id=base_id, created=created, model=engine.model_name,
+            choices=[
+                CompletionChoice(index=c.index, text=echo[c.prompt_index] + by_index[c.index].text,
+                                 finish_reason=by_index[c.index].finish_reason)
+                for c in choices
+            ],
+            usage=_usage(choices, by_index),
+        )
+
+    return await _serve_choices(request, choices, arrival, body.stream, events, response,
+                                prepare=decode_echo if body.echo else None)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    arrival = time.monotonic()
+    engine, state = _engine(request), request.app.state
+    state.lifecycle.check_accepting()
+    _check_model(engine, body.model)
+    _check_supported(body.unsupported_fields())
+    if not body.messages:
+        raise APIError(400, "messages must contain at least one message", param="messages")
+    _check_n(body.n, 1)
+    params = _make_params(body.n, body.to_sampling_params)
+    try:
+        messages = [{"role": m.role, "content": m.text_content()} for m in body.messages]
+        prompt_ids = await state.workers.run(_encode_chat, engine.tokenizer, messages)
+    except ValueError as exc:  # includes the template's own raise_exception
+        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+    if not prompt_ids:
+        raise APIError(400, "the chat prompt is empty", param="messages")
+    _check_fits_context(engine, prompt_ids, "messages")
+    base_id = f"chatcmpl-{uuid.uuid4().hex}"
+    choices = _plan_choices(base_id, [prompt_ids], params)
+
+    def events(created: int, streams: list[RequestStream]) -> AsyncIterator[str]:
+        return _chat_events(engine, body, base_id, created, choices, streams)
+
+    def response(created: int, by_index: dict[int, RequestOutput]) -> ChatCompletionResponse:
+        return ChatCompletionResponse(
+            id=base_id, created=created, model=engine.model_name,
+            choices=[
+                ChatChoice(index=c.index, message=AssistantMessage(content=by_index[c.index].text),
+                           finish_reason=by_index[c.index].finish_reason)
+                for c in choices
+            ],
+            usage=_usage(choices, by_index),
+        )
+
+    return await _serve_choices(request, choices, arrival, body.stream, events, response)
+
+
+# ------------------------------------------------------------------------------- the app
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems, param = [], None
-        for err in exc.errors():
-            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-            if err.get("type") == "json_invalid":
-                problems.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
-                continue
-            if loc and loc[0] == "prompt":
-                # A union's per-branch complaints are noise; say what a prompt may be once.
-                message = "prompt must be a string, a list of token ids, or a list of strings or of token-id lists"
-                if message not in problems:
-                    problems.append(message)
-                param = param or "prompt"
-                continue
-            param = param or (loc[0] if loc else None)
-            problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-        return error_response(400, "; ".join(problems) or "invalid request", "invalid_request_error", param)
+        return _validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, _BodyTooLarge):
+            return _too_large_response(exc)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind)
 
@@ -311,97 +720,43 @@ def build_app(engine: AsyncLLMEngine) -> FastAPI:
         err = _api_error_from(exc)
         return error_response(err.status, err.message, err.type, err.param, err.code)
 
-    @app.get("/health")
-    async def health() -> Response:
-        if engine.is_healthy:
-            return JSONResponse({"status": "ok"})
-        return error_response(503, f"the engine is not running: {engine.dead_error}", "service_unavailable",
-                              code="engine_dead")
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        if engine.metrics is None:
-            return error_response(503, "metrics unavailable: the engine did not start", "service_unavailable")
-        stats = engine.latest_stats()
-        if stats is not None:
-            engine.metrics.update_engine_stats(stats)
-        body, content_type = engine.metrics.render()
-        return Response(content=body, media_type=content_type)
+def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    problems, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            problems.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
+            continue
+        if loc and loc[0] == "prompt":
+            # A union's per-branch complaints are noise; say what a prompt may be once.
+            message = "prompt must be a string, a list of token ids, or a list of strings or of token-id lists"
+            if message not in problems:
+                problems.append(message)
+            param = param or "prompt"
+            continue
+        param = param or (loc[0] if loc else None)
+        problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+    return error_response(400, "; ".join(problems) or "invalid request", "invalid_request_error", param)
 
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        cfg = engine.model_config
-        card = ModelCard(id=engine.model_name, max_model_len=cfg.max_position_embeddings, vocab_size=cfg.vocab_size)
-        return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        arrival = time.monotonic()
-        _check_model(engine, body.model)
-        _check_supported(body.unsupported_fields())
-        prompts = _normalize_prompts(body.prompt)
-        _check_n(body.n, len(prompts))
-        base_id = f"cmpl-{uuid.uuid4().hex}"
-        choices = _plan_choices(base_id, prompts, body.n, body.to_sampling_params)
+def build_app(engine: AsyncLLMEngine, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The FastAPI app serving `engine`. The caller owns the engine's lifetime.
 
-        def echo_text() -> list[str]:
-            # Decoded only once the engine admitted the prompts, so a bad token id gets the
-            # engine's 400, not a decoding error.
-            return [_prompt_text(engine, p) if body.echo else "" for p in prompts]
-
-        def events(created: int, streams: list[RequestStream]) -> AsyncIterator[str]:
-            return _completion_events(engine, body, base_id, created, choices, streams, echo_text())
-
-        def response(created: int, by_index: dict[int, RequestOutput]) -> CompletionResponse:
-            echo = echo_text()
-            return CompletionResponse(
-                id=base_id, created=created, model=engine.model_name,
-                choices=[
-                    CompletionChoice(index=c.index, text=echo[c.prompt_index] + by_index[c.index].text,
-                                     finish_reason=by_index[c.index].finish_reason)
-                    for c in choices
-                ],
-                usage=_usage(choices, by_index),
-            )
-
-        return await _serve_choices(engine, request, choices, arrival, body.stream, events, response)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        arrival = time.monotonic()
-        _check_model(engine, body.model)
-        _check_supported(body.unsupported_fields())
-        if not body.messages:
-            raise APIError(400, "messages must contain at least one message", param="messages")
-        try:
-            messages = [{"role": m.role, "content": m.text_content()} for m in body.messages]
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as exc:  # includes the template's own raise_exception
-            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-        # The template already carries the special tokens (BOS); do not add them twice.
-        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
-        if not prompt_ids:
-            raise APIError(400, "the chat prompt is empty", param="messages")
-        _check_n(body.n, 1)
-        base_id = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = _plan_choices(base_id, [prompt_ids], body.n, body.to_sampling_params)
-
-        def events(created: int, streams: list[RequestStream]) -> AsyncIterator[str]:
-            return _chat_events(engine, body, base_id, created, choices, streams)
-
-        def response(created: int, by_index: dict[int, RequestOutput]) -> ChatCompletionResponse:
-            return ChatCompletionResponse(
-                id=base_id, created=created, model=engine.model_name,
-                choices=[
-                    ChatChoice(index=c.index, message=AssistantMessage(content=by_index[c.index].text),
-                               finish_reason=by_index[c.index].finish_reason)
-                    for c in choices
-                ],
-                usage=_usage(choices, by_index),
-            )
-
-        return await _serve_choices(engine, request, choices, arrival, body.stream, events, response)
-
+    `app.state.lifecycle` is the app's `ServerLifecycle` (`run_server` drains it on SIGTERM).
+    """
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
+    app = FastAPI(title="Infinite-LLM OpenAI-compatible server")
+    app.state.engine = engine
+    app.state.lifecycle = ServerLifecycle()
+    app.state.workers = WorkerPool()
+    _install_error_handlers(app)
+    app.include_router(router)
+    # Added last = outermost: a request is counted from its first byte, and an oversized body
+    # is refused before anything inside reads it.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)
     return app
 
 
@@ -412,35 +767,44 @@ def _ensure_healthy(engine: AsyncLLMEngine) -> None:
 
 
 async def _serve_choices(
-    engine: AsyncLLMEngine,
     request: Request,
     choices: list[_Choice],
     arrival: float,
     stream: bool,
     events: Callable[[int, list[RequestStream]], AsyncIterator[str]],
     response: Callable[[int, dict[int, RequestOutput]], BaseModel],
+    prepare: Optional[Callable[[], Awaitable[None]]] = None,
 ) -> Response:
     """Admit `choices` and answer with them: the skeleton both endpoints share.
 
-    Streaming: `events(created, streams)` is served as server-sent events (the generator aborts
-    the requests however it ends). Otherwise every final output is awaited and
-    `response(created, {choice index: output})` is sent as JSON, unless the client disconnects
-    first: then every request is aborted (freeing its KV blocks) and 499 is returned.
+    `prepare()` runs once the engine admitted every choice. Streaming: `events(created, streams)`
+    is served as server-sent events (the generator aborts the requests however it ends).
+    Otherwise every final output is awaited and `response(created, {choice index: output})` is
+    sent as JSON, unless the client disconnects first: then every request is aborted (freeing
+    its KV blocks) and 499 is returned.
     """
+    engine, lifecycle = _engine(request), request.app.state.lifecycle
     _ensure_healthy(engine)
     streams = await _admit(engine, choices, arrival)
+    lifecycle.track(streams)
+    try:
+        if prepare is not None:
+            await prepare()
+    except BaseException:
+        for s in streams:
+            s.abort()
+        raise
     created = int(time.time())
     if stream:
         return StreamingResponse(events(created, streams), media_type="text/event-stream", headers=_SSE_HEADERS)
-    outputs = await _collect_unless_disconnected(request, streams)
+    try:
+        outputs = await _collect_unless_disconnected(request, streams)
+    except (EngineDeadError, ServerShuttingDownError) as exc:
+        raise _api_error_from(exc) from exc
     if outputs is None:
         return Response(status_code=499)
     by_index = {c.index: o for c, o in zip(choices, outputs)}
     return JSONResponse(response(created, by_index).model_dump())
-
-
-def _prompt_text(engine: AsyncLLMEngine, prompt: Union[str, list[int]]) -> str:
-    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
 
 
 async def _sse_stream(
@@ -455,8 +819,9 @@ async def _sse_stream(
     """The event stream both endpoints share; they differ only in how a chunk looks.
 
     Yields `opening`, then `chunks_for(choice, new text, output)` for every output as it comes,
-    then (with `include_usage`) a usage chunk, then `[DONE]`. An engine that dies mid-stream
-    becomes an error event followed by `[DONE]`, since the 200 status is already sent.
+    then (with `include_usage`) a usage chunk, then `[DONE]`. An engine that dies mid-stream, or
+    a shutdown that aborts the stream, becomes an error event followed by `[DONE]`, since the
+    200 status is already sent.
     """
     final: dict[int, RequestOutput] = {}
     try:
@@ -472,7 +837,7 @@ async def _sse_stream(
         if include_usage:
             yield chunk([], _usage(choices, final))
         yield _SSE_DONE
-    except EngineDeadError as exc:
+    except (EngineDeadError, ServerShuttingDownError) as exc:
         yield _sse_error(exc)
         yield _SSE_DONE
     finally:
@@ -535,13 +900,93 @@ def _chat_events(
     return _sse_stream(choices, streams, deltas, include_usage, chunk, chunks_for, opening)
 
 
-def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info") -> None:
-    """Start the engine and serve it until interrupted (Ctrl-C), then stop the engine."""
-    import uvicorn
+# ------------------------------------------------------------------------------- serving
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, with a bounded drain on SIGTERM/SIGINT instead of uvicorn's own signal handling.
 
+    uvicorn waits on a signal for every open response (unbounded: streams can run for minutes),
+    exits early only on a second SIGINT, and re-raises the signal once it stopped, so a clean
+    shutdown still ends as "killed by SIGTERM". Here the first signal runs `drain` and then stops
+    the server; a second one exits the process at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._signalled = False
+        self._drain_task: Optional[asyncio.Task] = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals need the main thread
+            yield
+            return
+        self._loop = asyncio.get_running_loop()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # Runs in the main thread, between bytecodes; the event loop may be anywhere.
+        if self._signalled:
+            os.write(2, f"received {signal.Signals(signum).name} again: exiting now\n".encode())
+            os._exit(128 + signum)
+        self._signalled = True
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        except Exception:  # noqa: BLE001 - the server must stop all the same
+            _server_log.exception("draining failed")
+        finally:
+            self.should_exit = True
+
+
+async def _drain_engine(engine: AsyncLLMEngine, lifecycle: ServerLifecycle, timeout_s: float) -> None:
+    """The shutdown sequence: drain the app, then report what the aborts left in the engine."""
+    _server_log.info("shutting down: refusing new requests, letting %d in flight finish for up to %.0f s "
+                "(a second SIGTERM/SIGINT exits at once)", lifecycle.num_inflight, timeout_s)
+    aborted = await lifecycle.drain(timeout_s)
+    if not aborted:
+        _server_log.info("shutting down: every request finished")
+        return
+    # The aborts free the requests' KV blocks within an engine step or two.
+    deadline = time.monotonic() + _ABORT_GRACE_S
+    stats = engine.latest_stats()
+    while engine.is_healthy and stats is not None and (stats.num_running or stats.num_waiting):
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+        stats = engine.latest_stats()
+    used = sum(i["blocks_used"] for i in stats.per_instance) if stats is not None else -1
+    _server_log.info("shutting down: aborted %d request(s) still running after %.0f s; KV blocks in use: %d",
+                aborted, timeout_s, used)
+
+
+def run_server(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
+               log_level: str = "info", shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+    """Start the engine and serve it until SIGTERM/SIGINT, then shut down in bounded time:
+    in-flight requests get `shutdown_timeout_s` to finish, the rest are aborted."""
+    if not shutdown_timeout_s >= 0:
+        raise ValueError(f"the shutdown timeout must be >= 0 seconds, got {shutdown_timeout_s}")
+    if max_request_bytes < 1:  # checked before the engine spends its start-up time
+        raise ValueError(f"the request size limit must be positive, got {max_request_bytes}")
     engine = AsyncLLMEngine(engine_config)
     try:
-        uvicorn.run(build_app(engine), host=host, port=port, log_level=log_level, timeout_keep_alive=5)
+        app = build_app(engine, max_request_bytes=max_request_bytes)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                                timeout_graceful_shutdown=int(_ABORT_GRACE_S))
+        server = _DrainingServer(config, lambda: _drain_engine(engine, app.state.lifecycle, shutdown_timeout_s))
+        server.run()
     finally:
         engine.shutdown()

@@ -29,7 +29,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--long-prefill-token-threshold", type=int, default=None,
                    help="largest prefill chunk one request takes per step (default: the whole budget)")
     g.add_argument("--max-waiting", type=int, default=1024, help="waiting-queue bound (HTTP 429 past it)")
-    g.add_argument("--rebalance-interval-steps", type=int, default=8)
+    g.add_argument("--rebalance-interval-s", type=float, default=0.5,
+                   help="the gManager plans KV migrations this often (infinite policy)")
+    g.add_argument("--heartbeat-interval-s", type=float, default=0.1,
+                   help="instances report block counts and load to the gManager this often")
     g.add_argument("--migration-tokens-per-step", type=int, default=256)
     g.add_argument("--perf-model", default=None, help="profiled perf model JSON (from `infinite-llm profile`)")
     g.add_argument("--seed", type=int, default=0)
@@ -51,7 +54,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             ray_address=args.ray_address,
             device=args.device,
             placement=args.placement,
-            rebalance_interval_steps=args.rebalance_interval_steps,
+            rebalance_interval_s=args.rebalance_interval_s,
+            heartbeat_interval_s=args.heartbeat_interval_s,
             migration_tokens_per_step=args.migration_tokens_per_step,
             perf_model_path=args.perf_model,
         ),
@@ -96,7 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from infinite_llm.entrypoints.api_server import run_server
 
-    run_server(engine_config_from_args(args), host=args.host, port=args.port)
+    run_server(engine_config_from_args(args), host=args.host, port=args.port,
+               shutdown_timeout_s=args.shutdown_timeout, max_request_bytes=args.max_request_bytes)
     return 0
 
 
@@ -147,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, refuse new requests (503) and let running ones finish for "
+                            "up to this long, then abort the rest (a stream's last event is an error saying "
+                            "why, a non-streamed request gets 503) and exit 0; a second signal exits at once, "
+                            "with status 128 + the signal number (default: %(default)s)")
+    serve.add_argument("--max-request-bytes", type=int, default=4 << 20, metavar="BYTES",
+                       help="largest request body accepted; bigger ones get 413 before they are parsed "
+                            "(default: %(default)s = 4 MiB)")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: offline policy comparison, or `bench serve`")

@@ -8,12 +8,13 @@ clear message instead of being silently dropped (see `unsupported_fields`).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-from infinite_llm.sampling import SamplingParams
+from infinite_llm.sampling import SamplingParamError, SamplingParams
 
 # A prompt is a string, a list of token ids, or a batch of either.
 PromptInput = Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
@@ -45,6 +46,14 @@ class _SamplingFields(_Lenient):
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty_in_range(cls, value: Optional[float]) -> Optional[float]:
+        # OpenAI's range. NaN would otherwise pass as "set" and get a misleading "not supported".
+        if value is not None and not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            raise ValueError(f"must be a finite number in [-2, 2], got {value!r}")
+        return value
 
     def unsupported_fields(self) -> list[str]:
         """Output-changing options this server does not implement (the caller answers 400)."""
@@ -140,8 +149,15 @@ class ChatCompletionRequest(_SamplingFields):
 
     def to_sampling_params(self, seed_offset: int = 0) -> SamplingParams:
         # max_completion_tokens is the newer name; it wins when both are given.
-        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(limit, seed_offset)
+        newer = self.max_completion_tokens is not None
+        limit = self.max_completion_tokens if newer else self.max_tokens
+        try:
+            return self._sampling_params(limit, seed_offset)
+        except SamplingParamError as exc:
+            if newer and exc.param == "max_tokens":  # name the field the client actually sent
+                raise SamplingParamError("max_completion_tokens", str(exc).replace(
+                    "max_tokens", "max_completion_tokens")) from exc
+            raise
 
 
 # ------------------------------------------------------------------------------ responses

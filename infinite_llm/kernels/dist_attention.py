@@ -19,12 +19,13 @@ stays bounded for 128K-token contexts, and each chunk's gathered blocks stay cac
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["micro_attention", "scale_reduce", "micro_attention_torch", "MicroAttentionInputs"]
+from infinite_llm.kernels.attention_inputs import MicroAttentionInputs, validate_inputs
+
+__all__ = ["micro_attention", "scale_reduce", "micro_attention_torch", "MicroAttentionInputs", "validate_inputs"]
 
 # Gathered K (or V) elements per KV chunk on the CPU path (4 MiB in float32): small enough to
 # stay in cache between the gather and the matmul that reads it.
@@ -38,103 +39,6 @@ _SCORE_CHUNK_ELEMS = 1 << 23
 # would cost unpadded before it is split: below that, one more batched call costs more in
 # per-call overhead than the padding wastes.
 _GROUP_SLACK_PAIRS = 1 << 14
-
-
-@dataclass(frozen=True)
-class MicroAttentionInputs:
-    """Validated shapes of a `micro_attention` call."""
-
-    num_tokens: int
-    num_q_heads: int
-    head_dim: int
-    num_kv_heads: int
-    block_size: int
-    num_seqs: int
-    max_blocks: int
-
-    @property
-    def group_size(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-
-def _check_int_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an integer tensor (int64), got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-
-
-def validate_inputs(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    q_positions: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_starts: torch.Tensor,
-    block_lens: torch.Tensor,
-    check_values: bool = True,
-) -> MicroAttentionInputs:
-    """Check shapes and dtypes (and, if `check_values`, index ranges) and return the sizes.
-
-    Value checks read the index tensors, which on a GPU costs a host synchronisation; the CUDA
-    path checks only what it must read anyway.
-    """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if q.dim() != 3:
-        raise ValueError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be [num_blocks, block_size, Hkv, D], got shape {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache shape {tuple(k_cache.shape)}")
-    t_total, hq, d = q.shape
-    _, block_size, hkv, dk = k_cache.shape
-    if dk != d:
-        raise ValueError(f"head dim of q ({d}) differs from head dim of k_cache ({dk})")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"number of query heads ({hq}) must be a multiple of number of KV heads ({hkv})")
-    if block_size == 0:
-        raise ValueError("k_cache has block_size 0")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    _check_int_tensor("cu_seqlens_q", cu_seqlens_q, 1)
-    _check_int_tensor("q_positions", q_positions, 1)
-    _check_int_tensor("block_tables", block_tables, 2)
-    _check_int_tensor("block_starts", block_starts, 2)
-    _check_int_tensor("block_lens", block_lens, 2)
-    if cu_seqlens_q.numel() < 1:
-        raise ValueError("cu_seqlens_q must have S+1 >= 1 entries")
-    num_seqs = cu_seqlens_q.numel() - 1
-    if q_positions.numel() != t_total:
-        raise ValueError(f"q_positions has {q_positions.numel()} entries but q has {t_total} tokens")
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but cu_seqlens_q describes {num_seqs} sequences")
-    if block_starts.shape != block_tables.shape:
-        raise ValueError(f"block_starts shape {tuple(block_starts.shape)} differs from block_tables shape {tuple(block_tables.shape)}")
-    if block_lens.shape != block_tables.shape:
-        raise ValueError(f"block_lens shape {tuple(block_lens.shape)} differs from block_tables shape {tuple(block_tables.shape)}")
-    if check_values:
-        cu = cu_seqlens_q
-        if int(cu[0]) != 0 or int(cu[-1]) != t_total:
-            raise ValueError(f"cu_seqlens_q must start at 0 and end at T={t_total}, got {cu[0].item()}..{cu[-1].item()}")
-        if num_seqs and bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError("cu_seqlens_q must be non-decreasing")
-        if block_lens.numel():
-            if bool((block_lens < 0).any()) or bool((block_lens > block_size).any()):
-                raise ValueError(f"block_lens must be in [0, block_size={block_size}]")
-            used = block_lens > 0
-            ids = block_tables[used]
-            num_blocks = k_cache.shape[0]
-            if ids.numel() and (bool((ids < 0).any()) or bool((ids >= num_blocks).any())):
-                raise ValueError(f"block_tables holds block ids outside [0, {num_blocks}) in non-padding entries")
-    return MicroAttentionInputs(t_total, hq, d, hkv, block_size, num_seqs, block_tables.shape[1])
 
 
 def micro_attention(

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from infinite_llm.kernels.dist_attention import validate_inputs
+from infinite_llm.kernels.attention_inputs import validate_inputs
 
 __all__ = ["triton_micro_attention", "triton_scale_reduce"]
 

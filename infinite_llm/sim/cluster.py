@@ -1,20 +1,21 @@
 """The simulated cluster: hardware, model, memory and links (pure Python, no torch).
 
 `SimClusterSpec` turns a hardware preset and a model preset into what the control plane and the
-simulated executor need: KV blocks per instance (HBM minus weights, minus an activation /
+simulator's pricing need: KV blocks per instance (HBM minus weights, minus an activation /
 workspace reserve), bytes per KV token, bytes a query and a partial result take on the wire,
 and which link (NVLink inside a node, the network across nodes) joins two instances.
 
 `StepCostModel` is the cost side: a `PerfModel` for the non-attention layers and for reading KV,
 optionally a FLOP rate for the compute side of attention (long prefill chunks are compute
-bound), link bandwidths and latencies, and how instance times combine into a step time.
+bound), link bandwidths and latencies, and (for instances that are threads of one host) how
+they share its cores.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 from infinite_llm.control.perf_model import (
     HARDWARE_PRESETS,
@@ -25,33 +26,34 @@ from infinite_llm.control.perf_model import (
     kv_token_capacity,
 )
 
-# How per-instance times make a step time:
-#   "lockstep":    every instance has its own accelerator and the step ends when the slowest
-#                  instance is done (max over instances) -- the real engine on a GPU cluster;
-#   "shared_host": the instances are threads sharing a few CPU cores (the local engine on this
-#                  machine): the step takes at least max_i t_i and at least sum_i t_i / lanes,
-#                  stretched by contention when more instances are busy than there are cores.
-CombineMode = Literal["lockstep", "shared_host"]
-
 # Per-message latencies of the per-layer query/partial exchange. Published figures for
 # NVLink/NCCL small messages and InfiniBand RDMA are a few microseconds; these are the order
 # of magnitude, not a measurement.
 DEFAULT_INTRA_NODE_LATENCY_S = 5e-6
 DEFAULT_INTER_NODE_LATENCY_S = 10e-6
+# What one guest sequence adds to an attention message per layer besides its query rows: request
+# id, layer, positions (`GuestSeq`). It does not depend on the context length.
+DEFAULT_HEADER_BYTES_PER_SEQ = 64
 
 
 @dataclass(frozen=True)
 class StepCostModel:
-    """Everything the simulated executor needs to price one step.
+    """Everything the simulator needs to price an instance step, a guest's attention and a copy.
 
     perf:                non-attention time (per instance batch/tokens) and KV-read time.
     attn_flop_s_per_kv_query: seconds for one query token to attend to one KV token (compute
                          side); 0 disables the compute bound (the PerfModel's KV-read term
                          alone then prices attention).
-    kv_bytes_per_token:  K and V of one token, all layers (migration traffic).
+    kv_bytes_per_token:  K and V of one token, all layers (migration and KV-write traffic).
     query_bytes_per_token / partial_bytes_per_token: one token's query, and its (out, lse)
                          partial, over all layers (DistAttention traffic).
-    num_layers:          per-layer exchanges: a remote peer costs 2 latencies per layer.
+    header_bytes_per_seq: per layer and guest sequence, the rest of an attention message.
+    num_layers:          per-layer exchanges: a remote holder costs 2 latencies per layer.
+    host_lanes:          None: every instance has its own accelerator. A number: the instances
+                         are threads sharing that many CPU cores (the local engine), and an
+                         instance's compute stretches by busy instances / host_lanes.
+    message_cpu_s / guest_segment_cpu_s: host work per per-layer message and per guest sequence
+                         (packing, queue hand-off); 0 on an accelerator cluster.
     """
 
     perf: PerfModel
@@ -60,41 +62,25 @@ class StepCostModel:
     partial_bytes_per_token: int
     num_layers: int
     attn_flop_s_per_kv_query: float = 0.0
+    header_bytes_per_seq: int = DEFAULT_HEADER_BYTES_PER_SEQ
     intra_node_bandwidth_Bps: float = math.inf
     inter_node_bandwidth_Bps: float = math.inf
     intra_node_latency_s: float = 0.0
     inter_node_latency_s: float = 0.0
     instances_per_node: int = 1
-    combine: CombineMode = "lockstep"
-    # False: an instance's messages to different peers go out in parallel, so the per-layer
-    # latency is paid once (GPUs with their own links). True: they are handled one after
-    # another, so it is paid per peer (instances as threads of one process on a few cores).
-    latency_per_peer: bool = False
-    # "shared_host": how many instances' work the host runs at once (1: one after another),
-    # and how much every instance's time stretches per busy instance beyond `host_cores`
-    # (threads oversubscribing the cores contend for them and for the interpreter lock).
-    host_lanes: float = 1.0
-    host_cores: int = 1
-    contention_per_extra_instance: float = 0.0
-    # "shared_host": host CPU seconds one per-layer message costs its instance (packing, queue
-    # hand-off, unpacking). Unlike the latencies, which are waits that other instances' threads
-    # fill with their work, this adds to the CPU work the instances share.
+    host_lanes: Optional[float] = None
     message_cpu_s: float = 0.0
-    # Host work per guest sequence (a request homed elsewhere whose KV an instance attends to):
-    # its queries, tables and partials are handled per sequence, per layer.
     guest_segment_cpu_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.host_lanes) and self.host_lanes >= 1):
-            raise ValueError(f"StepCostModel.host_lanes must be finite and >= 1, got {self.host_lanes!r}")
-        if not (math.isfinite(self.contention_per_extra_instance) and self.contention_per_extra_instance >= 0):
-            raise ValueError("StepCostModel.contention_per_extra_instance must be finite and >= 0, "
-                             f"got {self.contention_per_extra_instance!r}")
         for name in ("kv_bytes_per_token", "query_bytes_per_token", "partial_bytes_per_token",
-                     "num_layers", "instances_per_node", "host_cores"):
+                     "num_layers", "instances_per_node"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"StepCostModel.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.header_bytes_per_seq, bool) or not isinstance(self.header_bytes_per_seq, int) \
+                or self.header_bytes_per_seq < 0:
+            raise ValueError(f"StepCostModel.header_bytes_per_seq must be an integer >= 0, got {self.header_bytes_per_seq!r}")
         for name in ("attn_flop_s_per_kv_query", "intra_node_latency_s", "inter_node_latency_s", "message_cpu_s",
                      "guest_segment_cpu_s"):
             value = getattr(self, name)
@@ -103,11 +89,23 @@ class StepCostModel:
         for name in ("intra_node_bandwidth_Bps", "inter_node_bandwidth_Bps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"StepCostModel.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.combine not in ("lockstep", "shared_host"):
-            raise ValueError(f"StepCostModel.combine must be 'lockstep' or 'shared_host', got {self.combine!r}")
+        if self.host_lanes is not None and not (math.isfinite(self.host_lanes) and self.host_lanes >= 1):
+            raise ValueError(f"StepCostModel.host_lanes must be None or finite and >= 1, got {self.host_lanes!r}")
 
     def same_node(self, a: int, b: int) -> bool:
         return a // self.instances_per_node == b // self.instances_per_node
+
+    def latency(self, a: int, b: int) -> float:
+        """One message's latency between instances a and b."""
+        return self.intra_node_latency_s if self.same_node(a, b) else self.inter_node_latency_s
+
+    def bandwidth(self, a: int, b: int) -> float:
+        return self.intra_node_bandwidth_Bps if self.same_node(a, b) else self.inter_node_bandwidth_Bps
+
+    def attention_time(self, kv_tokens: int, pairs: int) -> float:
+        """Attention over `kv_tokens` KV tokens for `pairs` query x KV-token pairs: reading the KV
+        bounds decode, FLOPs bound long prefill chunks (a roofline)."""
+        return max(self.perf.attention_time(kv_tokens), pairs * self.attn_flop_s_per_kv_query)
 
 
 @dataclass(frozen=True)
@@ -196,8 +194,7 @@ class SimClusterSpec:
             intra_node_latency_s=DEFAULT_INTRA_NODE_LATENCY_S,
             inter_node_latency_s=DEFAULT_INTER_NODE_LATENCY_S,
             instances_per_node=hw.gpus_per_node // tp,
-            combine="lockstep",
         )
 
 
-__all__ = ["CombineMode", "SimClusterSpec", "StepCostModel"]
+__all__ = ["SimClusterSpec", "StepCostModel"]

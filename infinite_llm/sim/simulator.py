@@ -1,44 +1,63 @@
 """Discrete-event cluster simulator on the real control plane (pure Python, no torch).
 
-The simulator drives the engine's own control-plane objects -- `Scheduler`,
-`ClusterKVManager` (rManagers + gManager) and `MigrationCoordinator` -- exactly the way
-`LLMEngine.step` does (`plan_step`: heartbeat -> commit last step's block copies -> schedule ->
-issue new copies; then executor.execute -> scheduler.update), and replaces only the executor by
-`SimulatedExecutor`, which prices the plan with a performance model instead of running it.
+Every instance is an engine of its own (`SimInstance`: the real `RManager`, `HomeKV`,
+`Scheduler` and `HomeMigrations`, stepped in `InstanceEngine.step`'s order) with its own clock:
+the time its loop is free. Nothing steps the cluster as a whole. Events, in time order:
 
-Time is simulated: a request of the trace is added to the scheduler when the clock reaches its
-arrival time; each step advances the clock by the priced step time; when nothing is running or
-waiting the clock jumps to the next arrival. A request the policy can never hold is rejected at
-admission (RequestTooLongError), like the real engine's HTTP 400; a full waiting queue rejects
-too (HTTP 429). Every number is deterministic for a given trace and configuration.
+- arrival: the real `Router` picks a home on the gManager's heartbeat view (most free blocks,
+  corrected for what it dispatched since); the request reaches the home after a link latency.
+  A request no instance could ever hold is refused at the front end, as `LLMEngine` does;
+- instance step: finish the step in flight (scheduler update), then begin the next one (inbound
+  requests and orders, commit copies, schedule, issue copies) and price it (`pricing.py`). The
+  guest MicroAttention it causes on each holder is charged to that holder's timeline: a busy
+  holder's step ends later by that much, an idle one serves it in its idle time. A home waits
+  only for its own holders, so a slow instance delays only the requests with blocks there;
+- heartbeat tick (every `heartbeat_interval_s`): each instance whose state changed reports to
+  the real `GManager`, which sees it after a latency (its view lags);
+- rebalance tick (every `rebalance_interval_s`, `infinite` only): the gManager plans migrations
+  on its view; orders reach the homes after a latency;
+- copy completion: a block copy takes block bytes / bandwidth on the source's link (copies from
+  one source queue) plus latency; the home commits it at its next step.
 
-Simplified: prompt token ids are all `token_id` (cost does not depend on values); the control
-plane's own CPU time is not charged to the simulated clock; the scheduler's token budget
-(`max_num_batched_tokens`) is one budget for the whole cluster, as in the engine.
+Borrowing is a round trip to the gManager (who may lend) and one per creditor asked (2 x
+latency each, added to the home's step); grants come from the creditor's real rManager.
+`static`, `striped` and `infinite` run the very same code; only the placement policy differs.
+Every number is deterministic for a given trace and setup.
+
+Simplified: prompt token ids are all `token_id` (cost does not depend on values); per-layer
+waits are summed over the step (max over holders, overlapped with local attention) instead of
+interleaved layer by layer; guest attention runs at once on the holder, not at its next
+attention point; the control plane's own CPU time is not charged unless `charge_control_plane`.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from infinite_llm.bench.workloads import TraceRequest
+from infinite_llm.cluster.router import Router
 from infinite_llm.config import SchedulerConfig
-from infinite_llm.control.kv_manager import PLACEMENT_POLICIES, ClusterKVManager
-from infinite_llm.control.migration import MigrationCoordinator, plan_step
+from infinite_llm.control.gmanager import GManager
+from infinite_llm.control.home_kv import PLACEMENT_POLICIES
+from infinite_llm.control.messages import AddRequest, Heartbeat, MigrationOrder
 from infinite_llm.control.perf_model import PerfModel
+from infinite_llm.control.plan import BlockRef
+from infinite_llm.control.rebalancer import RebalancerConfig
 from infinite_llm.control.request import Request
-from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError, Scheduler
-from infinite_llm.sampling import SamplingParams
+from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError
 from infinite_llm.sim.cluster import SimClusterSpec, StepCostModel
-from infinite_llm.sim.executor import SimulatedExecutor
+from infinite_llm.sim.instance import InstanceSpec, SimInstance
+from infinite_llm.sim.requests import RequestRecord, make_request
+from infinite_llm.sim.results import SimResult, mean
 
 
 class SimulationStalledError(RuntimeError):
-    """The control plane scheduled nothing while requests were still unfinished."""
+    """Requests are unfinished but no instance has made progress for a long simulated time."""
 
 
 @dataclass
@@ -50,98 +69,67 @@ class SimSetup:
     num_blocks_per_instance: int
     block_size: int
     placement: str
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # per instance
     lend_fraction: float = 0.9
-    rebalance_interval_steps: int = 8
+    heartbeat_interval_s: float = 0.1
+    rebalance_interval_s: float = 0.5
     migration_tokens_per_step: int = 1024
     # The model the rebalancer plans with; None: the cost model's PerfModel.
     rebalancer_perf: Optional[PerfModel] = None
+    # Rebalancer knobs; None: defaults, with the copy cost of a block over the network.
+    rebalancer: Optional[RebalancerConfig] = None
+    # Test hook: instance -> speed factor of its compute (0.25: four times slower).
+    speed: dict[int, float] = field(default_factory=dict)
+    # An instance with work but nothing schedulable (waiting for memory or copies) retries
+    # after this long, as the engine's loop polls.
+    idle_poll_s: float = 0.01
     token_id: int = 0
-    # Also advance the clock by the host time the control plane itself takes per step
-    # (heartbeat, migration planning, scheduling, update). Off by default: it makes results
-    # depend on this machine. The validation against the local engine turns it on, because
-    # there the control plane is a visible share of a step of a tiny model.
+    # Also charge the host time of the control plane (scheduling, updates) to the instance's
+    # clock. Off by default (results would depend on this machine); the validation against the
+    # local engine turns it on, where a tiny model's step is mostly control plane.
     charge_control_plane: bool = False
+    # Give up when no instance made progress for this long (simulated seconds).
+    stall_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENT_POLICIES:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENT_POLICIES}")
-        for name in ("num_instances", "num_blocks_per_instance", "block_size", "rebalance_interval_steps"):
+        for name in ("num_instances", "num_blocks_per_instance", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SimSetup.{name} must be an integer >= 1, got {value!r}")
+        for name in ("heartbeat_interval_s", "rebalance_interval_s", "idle_poll_s", "stall_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"SimSetup.{name} must be finite and > 0, got {getattr(self, name)!r}")
         if self.migration_tokens_per_step < 0:
             raise ValueError(f"SimSetup.migration_tokens_per_step must be >= 0, got {self.migration_tokens_per_step}")
+        for instance, factor in self.speed.items():
+            if not 0 <= instance < self.num_instances or not (math.isfinite(factor) and factor > 0):
+                raise ValueError(f"SimSetup.speed: instance {instance} factor {factor} is out of range")
 
     @classmethod
     def for_cluster(cls, spec: SimClusterSpec, placement: str, scheduler: SchedulerConfig,
-                    rebalance_interval_steps: int = 8, migration_tokens_per_step: int = 1024) -> "SimSetup":
-        return cls(
-            cost=spec.cost_model(),
-            num_instances=spec.num_instances,
-            num_blocks_per_instance=spec.blocks_per_instance,
-            block_size=spec.block_size,
-            placement=placement,
-            scheduler=scheduler,
-            lend_fraction=spec.lend_fraction,
-            rebalance_interval_steps=rebalance_interval_steps,
-            migration_tokens_per_step=migration_tokens_per_step,
-        )
+                    **overrides: Any) -> "SimSetup":
+        return cls(cost=spec.cost_model(), num_instances=spec.num_instances,
+                   num_blocks_per_instance=spec.blocks_per_instance, block_size=spec.block_size,
+                   placement=placement, scheduler=scheduler, lend_fraction=spec.lend_fraction, **overrides)
+
+    def rebalancer_config(self) -> RebalancerConfig:
+        if self.rebalancer is not None:
+            return self.rebalancer
+        copy_s = self.block_size * self.cost.kv_bytes_per_token / self.cost.inter_node_bandwidth_Bps
+        return RebalancerConfig(block_size=self.block_size, copy_s_per_block=copy_s,
+                                horizon_s=self.rebalance_interval_s)
 
 
-@dataclass
-class SimResult:
-    """What one policy did with one trace (throughputs are over completed requests)."""
+class _Outbox:
+    """The router's endpoint: the simulator delivers what it sends, after a latency."""
 
-    policy: str
-    num_instances: int
-    blocks_per_instance: int
-    block_size: int
-    num_requests: int
-    num_completed: int
-    num_rejected: int
-    rejection_reasons: dict[str, int]
-    prompt_tokens: int
-    generated_tokens: int
-    makespan_s: float  # first arrival to last completion, simulated
-    busy_time_s: float  # simulated time spent in steps
-    num_steps: int
-    num_preemptions: int
-    max_context_served: int  # longest prompt + output among completed requests
-    max_context_capacity: int  # longest context the policy could ever hold
-    mem_util_per_instance: list[float]  # busy-time-weighted used / total blocks
-    migrated_blocks: int
-    migrated_bytes: int
-    attention_bytes: int  # DistAttention queries and partials on the wire
-    mean_ttft_s: float
-    mean_latency_s: float
-    step_time_share: dict[str, float]  # critical path split: non_attention / attention / communication
-    wall_time_s: float  # host seconds the simulation took
-    control_plane_s: float  # of which in the control plane (scheduler, KV managers, rebalancer)
-    completed_ids: list[str] = field(default_factory=list)
-    rejected_ids: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, object]] = []
 
-    @property
-    def throughput_tokens_per_s(self) -> float:
-        """Prompt + generated tokens of completed requests per simulated second."""
-        return (self.prompt_tokens + self.generated_tokens) / self.makespan_s if self.makespan_s > 0 else 0.0
-
-    @property
-    def generated_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.makespan_s if self.makespan_s > 0 else 0.0
-
-    @property
-    def mem_util_mean(self) -> float:
-        values = self.mem_util_per_instance
-        return sum(values) / len(values) if values else 0.0
-
-    def summary(self) -> dict:
-        """JSON-ready dict, derived throughputs included, request id lists left out."""
-        data = {k: v for k, v in self.__dict__.items() if k not in ("completed_ids", "rejected_ids")}
-        data["throughput_tokens_per_s"] = self.throughput_tokens_per_s
-        data["generated_tokens_per_s"] = self.generated_tokens_per_s
-        data["mem_util_mean"] = self.mem_util_mean
-        return data
+    def send(self, dst: object, message: object) -> None:
+        self.sent.append((dst, message))
 
 
 class Simulator:
@@ -149,165 +137,270 @@ class Simulator:
 
     def __init__(self, setup: SimSetup) -> None:
         self.setup = setup
-        self.kv = ClusterKVManager(
-            num_instances=setup.num_instances,
-            num_blocks_per_instance=setup.num_blocks_per_instance,
-            block_size=setup.block_size,
-            lend_fraction=setup.lend_fraction,
-            placement=setup.placement,
-        )
-        self.scheduler = Scheduler(setup.scheduler, self.kv)
-        self.migrations = MigrationCoordinator(
-            self.kv,
-            setup.rebalancer_perf or setup.cost.perf,
-            setup.rebalance_interval_steps,
-            setup.migration_tokens_per_step,
-        )
-        self.executor = SimulatedExecutor(setup.cost, setup.num_instances, setup.token_id)
+        self.cost = setup.cost
+        n = setup.num_instances
+        self.gmanager = GManager(n, heartbeat_timeout_s=math.inf)  # no failures are simulated
+        spec = InstanceSpec(n, setup.num_blocks_per_instance, setup.block_size, setup.placement,
+                            setup.scheduler, setup.lend_fraction, setup.migration_tokens_per_step, setup.token_id)
+        self.instances = [SimInstance(i, spec, self) for i in range(n)]
+        self.rmanagers = [inst.rm for inst in self.instances]
+        self._outbox = _Outbox()
+        self.router = Router(self._outbox, n, setup.block_size, self._router_view)  # type: ignore[arg-type]
+        self._perf = setup.rebalancer_perf or setup.cost.perf
+        self._rebalancer = setup.rebalancer_config()
+        self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._seq = itertools.count()
+        self._pending: list[Optional[tuple[float, int]]] = [None] * n  # instance -> (time, seq) of its step event
+        self._dirty: set[int] = set(range(n))
+        self._link_free = [0.0] * n  # when each instance's outgoing copy link is free
+        self._view_changed = True
+        self._orders: list[MigrationOrder] = []
+        self.records: dict[str, RequestRecord] = {}
+        self._unresolved = 0
+        self._last_progress = 0.0
         self.now = 0.0
-        self.num_steps = 0
-        self.control_plane_s = 0.0  # host seconds spent in the control plane
+        self.migrated_bytes = 0
+        self.control_plane_s = 0.0
+        self._current_seq = -1  # the event being handled
         self._ran = False
 
-    def _make_request(self, item: TraceRequest) -> Request:
-        params = SamplingParams(temperature=0.0, max_tokens=item.output_len, ignore_eos=True)
-        return Request(
-            request_id=item.request_id,
-            prompt_token_ids=[self.setup.token_id] * item.prompt_len,
-            sampling=params,
-            arrival_time=item.arrival_time_s,
-            max_total_tokens=item.prompt_len + item.output_len,
-        )
+    # ------------------------------------------------------------------ World
+    def gmanager_latency(self, instance: int) -> float:
+        return self.cost.inter_node_latency_s
 
-    def step(self) -> list[Request]:
-        """One engine step at the current simulated time; returns the requests it finished."""
-        control_started = time.perf_counter()
-        out = plan_step(self.kv, self.scheduler, self.migrations, self.now, self.num_steps)
-        if out.plan.is_empty():
-            return []
-        control_s = time.perf_counter() - control_started
-        results = self.executor.execute(out.plan)
-        self.num_steps += 1
-        timing = self.executor.last_timing
-        assert timing is not None
-        update_started = time.perf_counter()
-        finished = []
-        # Finish times are stamped at the end of the priced step, as the engine stamps them
-        # after its executor returns.
-        for request in self.scheduler.update(out, results, self.now + timing.step_time_s):
-            if request.is_finished:
-                finished.append(request)
-                self.migrations.forget(request.request_id)
-                self.scheduler.pop_finished(request.request_id)
-        control_s += time.perf_counter() - update_started
-        self.control_plane_s += control_s
-        self.now += timing.step_time_s
+    def touched(self, instance: int) -> None:
+        self._dirty.add(instance)
+
+    def start_copy(self, home: int, tag: int, request_id: str, src: BlockRef, dst: BlockRef, now: float) -> None:
+        cost = self.cost
+        ask = 0.0 if src.instance == home else cost.latency(home, src.instance)
+        size = self.setup.block_size * cost.kv_bytes_per_token
+        start = max(now + ask, self._link_free[src.instance])
+        self._link_free[src.instance] = start + size / cost.bandwidth(src.instance, dst.instance)
+        landed = self._link_free[src.instance] + cost.latency(src.instance, dst.instance)
+        self.migrated_bytes += size
+        self._at(landed + cost.latency(dst.instance, home), self._copy_done, home, tag, request_id, src, dst)
+
+    # ------------------------------------------------------------------ events
+    def _at(self, when: float, handler: Callable[..., None], *args: Any) -> int:
+        seq = next(self._seq)
+        heapq.heappush(self._events, (when, seq, handler, args))
+        return seq
+
+    def _schedule_step(self, i: int, when: float) -> None:
+        self._pending[i] = (when, self._at(when, self._step, i))
+
+    def _wake(self, i: int) -> None:
+        if self._pending[i] is None:
+            self._schedule_step(i, max(self.now, self.instances[i].free_at))
+
+    def _arrival(self, item: TraceRequest) -> None:
+        record = self.records[item.request_id]
+        request = make_request(item, self.setup.token_id)
+        capacity = self.instances[0].scheduler.max_context()
+        if item.prompt_len + item.output_len > capacity:
+            self._reject(record, RequestTooLongError.__name__)
+            return
+        home = self.router.dispatch(request)
+        self._outbox.sent.clear()  # the copy it sent: we deliver the original (prompt not materialised)
+        request.home = record.home = home
+        self._at(self.now + self.cost.inter_node_latency_s, self._deliver, home, AddRequest(request))
+
+    def _deliver(self, i: int, message: Any) -> None:
+        self.instances[i].inbound.append(message)
+        self._wake(i)
+
+    def _admit(self, inst: SimInstance, request: Request) -> None:
+        try:
+            inst.scheduler.add_request(request)
+        except (RequestTooLongError, QueueFullError) as exc:
+            self._reject(self.records[request.request_id], type(exc).__name__)
+
+    def _reject(self, record: RequestRecord, reason: str) -> None:
+        record.rejected = reason
+        record.output_len = 0
+        self._unresolved -= 1
+
+    def _step(self, i: int) -> None:
+        pending = self._pending[i]
+        if pending is None or pending[1] != self._current_seq:
+            return  # superseded: the step was pushed back by guest work
+        self._pending[i] = None
+        inst = self.instances[i]
+        started = time.perf_counter()
+        if inst.in_flight is not None:
+            self._finished(inst.finish_step(self.now))
+        step = inst.begin_step(self.now, self.cost, self._speed, self._admit)
+        host_s = time.perf_counter() - started
+        self.control_plane_s += host_s
+        self._dirty.add(i)
+        if step is None:
+            if inst.has_work():
+                self._schedule_step(i, self.now + self.setup.idle_poll_s)
+            return
+        self._last_progress = self.now
+        duration = step.price.duration_s * self._host_stretch(i)
         if self.setup.charge_control_plane:
-            self.now += control_s
-        return finished
+            duration += host_s
+        for holder in step.price.holders:
+            self._charge_guest(holder.holder, self.now + self.cost.latency(i, holder.holder), holder.compute_s)
+        inst.free_at = self.now + duration
+        self._schedule_step(i, inst.free_at)
 
-    def run(self, trace: Sequence[TraceRequest], max_idle_steps: int = 1000) -> SimResult:
+    def _charge_guest(self, h: int, arrives: float, compute_s: float) -> None:
+        """A holder serves a guest's MicroAttention: its loop is free that much later."""
+        inst = self.instances[h]
+        inst.free_at = max(inst.free_at, arrives) + compute_s
+        inst.stats.guest_s += compute_s
+        pending = self._pending[h]
+        if pending is not None and pending[0] < inst.free_at:
+            self._schedule_step(h, inst.free_at)  # the old event is now stale
+
+    def _host_stretch(self, i: int) -> float:
+        """Instances sharing a host's cores (threads of the local engine) slow each other."""
+        lanes = self.cost.host_lanes
+        if lanes is None:
+            return 1.0
+        busy = 1 + sum(1 for j, inst in enumerate(self.instances) if j != i and inst.in_flight is not None)
+        return max(1.0, busy / lanes)
+
+    def _speed(self, i: int) -> float:
+        return self.setup.speed.get(i, 1.0)
+
+    def _finished(self, requests: list[Request]) -> None:
+        for request in requests:
+            record = self.records[request.request_id]
+            record.first_token_s = request.first_token_time
+            record.finished_s = request.finished_time
+            record.output_len = len(request.output_token_ids)
+            record.num_preemptions = request.num_preemptions
+            self._unresolved -= 1
+
+    def _copy_done(self, home: int, tag: int, request_id: str, src: BlockRef, dst: BlockRef) -> None:
+        # The source sends nothing for a block it no longer holds; the target never writes a
+        # block that is not reserved for the request any more (InstanceEngine._on_block_data).
+        ok = self.rmanagers[src.instance].holds(request_id, src.block) and \
+            self.rmanagers[dst.instance].holds(request_id, dst.block)
+        self.instances[home].migrations.copy_done(tag, ok)
+        self._wake(home)
+
+    # ------------------------------------------------------------------ gManager
+    def _router_view(self) -> dict[int, tuple[int, int]]:
+        """GManagerService.free_blocks: instance -> (free blocks, requests) as last reported."""
+        view = {}
+        for i in range(self.setup.num_instances):
+            beat = self.gmanager.status(i)
+            if beat is not None:
+                view[i] = (beat.num_free, beat.load.batch_size + beat.load.num_waiting)
+        return view
+
+    def _heartbeat_tick(self) -> None:
+        for i in sorted(self._dirty):
+            beat = self.instances[i].heartbeat(self.now)
+            if beat is not None:
+                self._at(self.now + self.gmanager_latency(i), self._gm_receive, beat)
+        self._dirty.clear()
+        if self._unresolved:
+            self._at(self.now + self.setup.heartbeat_interval_s, self._heartbeat_tick)
+
+    def _gm_receive(self, beat: Heartbeat) -> None:
+        self.gmanager.heartbeat(beat, self.now)
+        self._view_changed = True
+
+    def _rebalance_tick(self) -> None:
+        # Like GManagerService: plan every interval and send the orders. An unchanged view gives
+        # the same plan, so it is reused rather than recomputed.
+        if self._view_changed:
+            self._orders = self.gmanager.plan_migrations(self._perf, self._rebalancer)
+            self._view_changed = False
+        for order in self._orders:
+            home = self.gmanager.home_of(order.request_id)
+            if home is not None:
+                self._at(self.now + self.gmanager_latency(home), self._deliver, home, order)
+        if self._unresolved:
+            self._at(self.now + self.setup.rebalance_interval_s, self._rebalance_tick)
+
+    # ------------------------------------------------------------------ run
+    def run(self, trace: Sequence[TraceRequest]) -> SimResult:
         if self._ran:
             raise RuntimeError("a Simulator runs one trace; build a new one for another run")
         self._ran = True
         if not trace:
             raise ValueError("the trace is empty: nothing to simulate")
-        ids = [r.request_id for r in trace]
-        if len(set(ids)) != len(ids):
+        if len({r.request_id for r in trace}) != len(trace):
             raise ValueError("the trace has duplicate request ids")
         started = time.perf_counter()
-        n = self.setup.num_instances
-        pending = deque(sorted(trace, key=lambda r: (r.arrival_time_s, r.request_id)))
-        first_arrival = pending[0].arrival_time_s
-        self.now = first_arrival
-        rejected: dict[str, str] = {}
-        done: dict[str, Request] = {}
-        used_time = [0.0] * n  # sum over steps of used blocks * step time
-        idle_steps = 0
+        ordered = sorted(trace, key=lambda r: (r.arrival_time_s, r.request_id))
+        first = ordered[0].arrival_time_s
+        self.now = self._last_progress = first
+        for item in ordered:
+            self.records[item.request_id] = RequestRecord(item.request_id, item.arrival_time_s, item.prompt_len,
+                                                          item.output_len)
+            self._at(item.arrival_time_s, self._arrival, item)
+        self._unresolved = len(ordered)
+        self._at(first, self._heartbeat_tick)
+        if self.setup.placement == "infinite" and self.setup.num_instances > 1:
+            self._at(first + self.setup.rebalance_interval_s, self._rebalance_tick)
+        self._loop()
+        return self._result(trace, first, time.perf_counter() - started)
 
-        while pending or self.scheduler.has_unfinished():
-            while pending and pending[0].arrival_time_s <= self.now:
-                item = pending.popleft()
-                try:
-                    self.scheduler.add_request(self._make_request(item))
-                except (RequestTooLongError, QueueFullError) as exc:
-                    rejected[item.request_id] = type(exc).__name__
-            if not self.scheduler.has_unfinished():
-                if pending:
-                    self.now = max(self.now, pending[0].arrival_time_s)
-                continue
-            # Blocks held during the step are those after scheduling (allocation happens in
-            # schedule()), so sample usage after the step's allocation by reading it post-step.
-            before_steps = self.num_steps
-            finished = self.step()
-            if self.num_steps == before_steps:
-                idle_steps += 1
-                if pending and not self.scheduler.running:
-                    self.now = max(self.now, pending[0].arrival_time_s)
-                    continue
-                if idle_steps > max_idle_steps:
-                    raise SimulationStalledError(
-                        f"policy {self.setup.placement!r}: nothing scheduled for {idle_steps} steps "
-                        f"({self.scheduler.num_running} running, {self.scheduler.num_waiting} waiting)"
-                    )
-                continue
-            idle_steps = 0
-            timing = self.executor.last_timing
-            assert timing is not None
-            dt = timing.step_time_s
-            for i, rm in enumerate(self.kv.rmanagers):
-                used_time[i] += rm.pool.num_used * dt
-            for request in finished:
-                done[request.request_id] = request
+    def _loop(self) -> None:
+        events = self._events
+        while events and self._unresolved:
+            when, seq, handler, args = heapq.heappop(events)
+            self.now = when
+            self._current_seq = seq
+            handler(*args)
+            if when - self._last_progress > self.setup.stall_timeout_s:
+                raise SimulationStalledError(
+                    f"policy {self.setup.placement!r}: no progress for {self.setup.stall_timeout_s:.0f} s "
+                    f"of simulated time; {self._unresolved} requests unfinished"
+                )
 
-        totals = self.executor.totals
-        completed = [done[r.request_id] for r in trace if r.request_id in done]
-        prompt_tokens = sum(r.num_prompt_tokens for r in completed)
-        generated = sum(len(r.output_token_ids) for r in completed)
-        last_finish = max((r.finished_time or 0.0) for r in completed) if completed else first_arrival
-        busy = totals.busy_time_s
-        blocks = self.setup.num_blocks_per_instance
-        critical = totals.critical_non_attention_s + totals.critical_attention_s + totals.critical_communication_s
-        reasons: dict[str, int] = {}
-        for reason in rejected.values():
-            reasons[reason] = reasons.get(reason, 0) + 1
-        return SimResult(
-            policy=self.setup.placement,
-            num_instances=n,
-            blocks_per_instance=blocks,
-            block_size=self.setup.block_size,
-            num_requests=len(trace),
-            num_completed=len(completed),
-            num_rejected=len(rejected),
-            rejection_reasons=reasons,
-            prompt_tokens=prompt_tokens,
-            generated_tokens=generated,
-            makespan_s=last_finish - first_arrival,
-            busy_time_s=busy,
-            num_steps=self.num_steps,
-            num_preemptions=sum(r.num_preemptions for r in completed),
-            max_context_served=max((r.num_tokens for r in completed), default=0),
-            max_context_capacity=self.scheduler.max_context(),
-            mem_util_per_instance=[u / (blocks * busy) if busy > 0 else 0.0 for u in used_time],
-            migrated_blocks=self.migrations.num_migrated_blocks,
-            migrated_bytes=totals.migration_bytes,
-            attention_bytes=totals.attention_bytes,
-            mean_ttft_s=_mean([(r.first_token_time or r.arrival_time) - r.arrival_time for r in completed]),
-            mean_latency_s=_mean([(r.finished_time or r.arrival_time) - r.arrival_time for r in completed]),
-            step_time_share={
-                "non_attention": totals.critical_non_attention_s / critical if critical > 0 else 0.0,
-                "attention": totals.critical_attention_s / critical if critical > 0 else 0.0,
-                "communication": totals.critical_communication_s / critical if critical > 0 else 0.0,
-            },
-            wall_time_s=time.perf_counter() - started,
-            control_plane_s=self.control_plane_s,
-            completed_ids=[r.request_id for r in completed],
-            rejected_ids=[r.request_id for r in trace if r.request_id in rejected],
-        )
+    def _result(self, trace: Sequence[TraceRequest], first: float, wall_s: float) -> SimResult:
+        return build_result(self, trace, first, wall_s)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+
+def build_result(sim: Simulator, trace: Sequence[TraceRequest], first: float, wall_s: float) -> SimResult:
+    records = [sim.records[r.request_id] for r in trace]
+    done = [r for r in records if r.completed]
+    last = max((r.finished_s for r in done), default=first)  # type: ignore[type-var]
+    makespan = last - first
+    stats = [inst.stats for inst in sim.instances]
+    for inst in sim.instances:
+        inst._sample_memory(last)  # close the memory integral at the end of the run
+    reasons: dict[str, int] = {}
+    for r in records:
+        if r.rejected is not None:
+            reasons[r.rejected] = reasons.get(r.rejected, 0) + 1
+    blocks = sim.setup.num_blocks_per_instance
+    links = [inst.link for inst in sim.instances]
+    return SimResult(
+        policy=sim.setup.placement, num_instances=sim.setup.num_instances, blocks_per_instance=blocks,
+        block_size=sim.setup.block_size, num_requests=len(records), num_completed=len(done),
+        num_rejected=sum(1 for r in records if r.rejected is not None), rejection_reasons=reasons,
+        prompt_tokens=sum(r.prompt_len for r in done), generated_tokens=sum(r.output_len for r in done),
+        makespan_s=makespan, busy_time_s=sum(s.compute_s + s.guest_s for s in stats),
+        num_steps=sum(s.num_steps for s in stats), num_preemptions=sum(r.num_preemptions for r in done),
+        max_context_served=max((r.tokens for r in done), default=0),
+        max_context_capacity=sim.instances[0].scheduler.max_context(),
+        mem_util_per_instance=[s.used_block_s / (blocks * makespan) if makespan > 0 else 0.0 for s in stats],
+        migrated_blocks=sum(inst.migrations.num_migrated_blocks for inst in sim.instances),
+        migrated_bytes=sim.migrated_bytes, attention_bytes=sum(s.attention_bytes for s in stats),
+        decode_steps=sum(s.decode_steps for s in stats), decode_bytes=sum(s.decode_bytes for s in stats),
+        num_borrows=sum(link.num_borrows for link in links), num_refusals=sum(link.num_refusals for link in links),
+        mean_ttft_s=mean([r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]),
+        mean_latency_s=mean([r.finished_s - r.arrival_s for r in done]),  # type: ignore[operator]
+        time_split_s={
+            "non_attention": sum(s.non_attention_s for s in stats),
+            "attention": sum(s.attention_s for s in stats),
+            "holder_wait": sum(s.wait_s for s in stats),
+            "round_trips": sum(s.round_trip_s for s in stats),
+            "guest_attention": sum(s.guest_s for s in stats),
+        },
+        wall_time_s=wall_s, records=records,
+    )
 
 
 def simulate(setup: SimSetup, trace: Sequence[TraceRequest]) -> SimResult:

@@ -1,0 +1,1 @@
+"""The cluster: router, gManager service, and starting instances (threads or Ray actors)."""

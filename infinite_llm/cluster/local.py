@@ -1,0 +1,76 @@
+"""The embedded default: every instance and the gManager are threads of this process, talking
+through the in-process transport (the same messages as across processes)."""
+
+from __future__ import annotations
+
+import os
+
+from infinite_llm.config import EngineConfig, ModelConfig
+from infinite_llm.cluster.gmanager_service import GManagerService
+from infinite_llm.control.messages import GMANAGER, ROUTER
+from infinite_llm.control.perf_model import PerfModel, default_perf_model
+from infinite_llm.transport.local import LocalFabric
+
+
+def perf_model_for(config: EngineConfig, model_config: ModelConfig) -> PerfModel:
+    path = config.cluster.perf_model_path
+    if path:
+        return PerfModel.load(path)
+    return default_perf_model(model_config.num_parameters(), model_config.kv_bytes_per_token())
+
+
+def copy_s_per_block(config: EngineConfig, model_config: ModelConfig, bandwidth_Bps: float = 10e9) -> float:
+    """What moving one block costs the links, for the rebalancer's net-gain test."""
+    return config.cache.block_size * model_config.kv_bytes_per_token() / bandwidth_Bps
+
+
+def make_gmanager(endpoint, config: EngineConfig, model_config: ModelConfig) -> GManagerService:
+    cluster = config.cluster
+    return GManagerService(
+        endpoint, cluster.num_instances, perf_model_for(config, model_config), config.cache.block_size,
+        rebalance=cluster.placement == "infinite", rebalance_interval_s=cluster.rebalance_interval_s,
+        copy_s_per_block=copy_s_per_block(config, model_config),
+    )
+
+
+class LocalCluster:
+    def __init__(self, config: EngineConfig, model_path: str, model_config: ModelConfig) -> None:
+        import torch
+
+        from infinite_llm.instance.engine import InstanceEngine
+        from infinite_llm.model.loader import load_model
+
+        cluster = config.cluster
+        n = cluster.num_instances
+        if n > 1 and not cluster.device.startswith("cuda"):
+            # Instance threads each running torch's full intra-op pool oversubscribe the cores.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+        dtype = config.cache.dtype if config.cache.dtype != "auto" else None
+        _, model = load_model(model_path, device=cluster.device, dtype=dtype)
+        model.eval()  # shared read-only by the instance threads
+        fabric = LocalFabric()
+        self.router_endpoint = fabric.endpoint(ROUTER)
+        self.gmanager = make_gmanager(fabric.endpoint(GMANAGER), config, model_config)
+        self.instances = [
+            InstanceEngine(rank, config, model_config, model, fabric.endpoint(rank), device=cluster.device)
+            for rank in range(n)
+        ]
+        self.gmanager.start()
+        for instance in self.instances:
+            instance.start()
+        self.gmanager.wait_ready(timeout_s=30)
+
+    def control_states(self) -> list:
+        """(rManager, tables) of every instance, for invariant checks (quiesce first)."""
+        from infinite_llm.control.invariants import HomeTables
+
+        states = []
+        for instance in self.instances:
+            with instance.lock:
+                states.append((instance.rm, HomeTables.of(instance.kv)))
+        return states
+
+    def shutdown(self) -> None:
+        for instance in self.instances:
+            instance.stop()
+        self.gmanager.stop()

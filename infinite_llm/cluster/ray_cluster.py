@@ -1,0 +1,133 @@
+"""Instances as Ray actors, one per device (or CPU slot), talking over ZeroMQ.
+
+Ray places and starts the processes; it carries no per-step traffic. Each actor binds a ZeroMQ
+endpoint, the driver gathers every address (the router's and the gManager's too, both in the
+driver process) and hands the full map to every actor, after which any pair talks directly.
+With no `ray_address` an embedded local Ray is started (the default); with one (e.g. "auto")
+the instances are placed on an existing cluster, one per GPU when the device is CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from infinite_llm.cluster.local import make_gmanager
+from infinite_llm.config import EngineConfig, ModelConfig
+from infinite_llm.control.messages import GMANAGER, ROUTER
+
+
+class _InstanceActor:
+    """The body of a Ray actor; wrapped with ray.remote at start-up."""
+
+    def __init__(self, rank: int, config: EngineConfig, model_path: str, model_config: ModelConfig,
+                 num_threads: int) -> None:
+        import ray
+
+        from infinite_llm.transport.zmq_transport import ZmqEndpoint
+
+        self.rank = rank
+        self.config = config
+        self.model_path = model_path
+        self.model_config = model_config
+        self.num_threads = num_threads
+        self.endpoint = ZmqEndpoint(rank, bind_host=ray.util.get_node_ip_address())
+        self.engine = None
+
+    def address(self) -> str:
+        return self.endpoint.address
+
+    def start(self, peers: dict) -> int:
+        import torch
+
+        from infinite_llm.instance.engine import InstanceEngine
+        from infinite_llm.model.loader import load_model
+
+        torch.set_num_threads(self.num_threads)
+        device = self.config.cluster.device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(0)  # Ray exposes exactly the GPU assigned to this actor
+            device = "cuda:0"
+        dtype = self.config.cache.dtype if self.config.cache.dtype != "auto" else None
+        _, model = load_model(self.model_path, device=device, dtype=dtype)
+        model.eval()
+        self.endpoint.connect(peers)
+        self.engine = InstanceEngine(self.rank, self.config, self.model_config, model, self.endpoint, device=device)
+        self.engine.start()
+        return os.getpid()
+
+    def control_state(self):
+        """(rManager, tables) for cross-process invariant checks."""
+        from infinite_llm.control.invariants import HomeTables
+
+        assert self.engine is not None
+        with self.engine.lock:
+            return self.engine.rm, HomeTables.of(self.engine.kv)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+class RayCluster:
+    def __init__(self, config: EngineConfig, model_path: str, model_config: ModelConfig) -> None:
+        import ray
+
+        from infinite_llm.transport.zmq_transport import ZmqEndpoint
+
+        cluster = config.cluster
+        n = cluster.num_instances
+        self._started_ray = self._init_ray(cluster.ray_address, n)
+        on_gpu = cluster.device.startswith("cuda")
+        actor_cls = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0)(_InstanceActor)
+        num_threads = max(1, (os.cpu_count() or 1) // n)
+        self.actors = [actor_cls.remote(rank, config, model_path, model_config, num_threads) for rank in range(n)]
+        addresses = ray.get([a.address.remote() for a in self.actors], timeout=120)
+        host = ray.util.get_node_ip_address()
+        self.router_endpoint = ZmqEndpoint(ROUTER, bind_host=host)
+        gm_endpoint = ZmqEndpoint(GMANAGER, bind_host=host)
+        peers = {ROUTER: self.router_endpoint.address, GMANAGER: gm_endpoint.address}
+        peers.update(enumerate(addresses))
+        self.router_endpoint.connect(peers)
+        gm_endpoint.connect(peers)
+        self.gmanager = make_gmanager(gm_endpoint, config, model_config)
+        self.gmanager.start()
+        self.pids = ray.get([a.start.remote(peers) for a in self.actors], timeout=300)
+        self.gmanager.wait_ready(timeout_s=60)
+
+    @staticmethod
+    def _init_ray(address: Optional[str], num_instances: int) -> bool:
+        import ray
+
+        if ray.is_initialized():
+            return False
+        if address:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+            return False
+        # Embedded default: a private local Ray sized for the instances; nothing big goes
+        # through its object store (messages travel over ZeroMQ).
+        ray.init(num_cpus=max(num_instances, 1), include_dashboard=False, object_store_memory=128 * 1024 * 1024,
+                 log_to_driver=False, configure_logging=False)
+        return True
+
+    def control_states(self) -> list:
+        import ray
+
+        return ray.get([a.control_state.remote() for a in self.actors], timeout=60)
+
+    def shutdown(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        try:
+            ray.get([a.stop.remote() for a in self.actors], timeout=30)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        self.gmanager.stop()
+        self.router_endpoint.close()
+        if self._started_ray:
+            ray.shutdown()

@@ -1,0 +1,276 @@
+"""One instance's block tables for the requests homed on it (pure Python, no torch).
+
+The home's own pool comes first: a request's new KV goes to the home while it has room, and
+only when it is full are blocks borrowed from the creditors the gManager names (`infinite`).
+`static` never borrows; `striped` puts block j of a request on instance (home + j) % N.
+Everything that crosses instances goes through a `PeerLink` (borrow -> grant/refuse, release,
+attach), which the instance engine implements with messages and the simulator with priced
+calls. Allocation is all-or-nothing: a refusal part-way gives back what was taken.
+
+The instance's rManager is shared with its message pump (which lends to and releases for
+peers), so every rManager call here holds `lock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from typing import ContextManager, Optional, Protocol
+
+from infinite_llm.control.messages import RequestPlacement
+from infinite_llm.control.plan import BlockRef
+from infinite_llm.control.rmanager import RManager
+
+PLACEMENT_POLICIES = ("static", "striped", "infinite")
+
+
+class PeerLink(Protocol):
+    """How a home reaches other instances' rManagers and the gManager."""
+
+    def creditors(self, num_blocks: int) -> list[tuple[int, int]]:
+        """(instance, lendable blocks as last reported) that may lend, best first."""
+
+    def borrow(self, creditor: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
+               copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
+        """Blocks granted by `creditor` (all `num_blocks`), or None if it refused. Without
+        `indices` it is a migration reservation for the copies `copy_tags`."""
+
+    def release(self, creditor: int, request_id: str, blocks: Optional[list[int]]) -> None:
+        """Give blocks back (None: all the request's blocks there); does not wait."""
+
+    def attach(self, holder: int, request_id: str, index: int, block: int) -> None:
+        """Tell `holder` that its reserved `block` is now table position `index`."""
+
+
+def lend_cap_for(placement: str, num_blocks: int, lend_fraction: float) -> int:
+    """The rManager's lend cap under a policy (striped models one pooled instance: no cap)."""
+    if placement == "striped":
+        return num_blocks
+    if placement == "static":
+        return 0
+    return math.floor(lend_fraction * num_blocks)
+
+
+class HomeKV:
+    def __init__(self, rmanager: RManager, block_size: int, placement: str, num_instances: int,
+                 peers: Optional[PeerLink], lock: Optional[ContextManager] = None) -> None:
+        if placement not in PLACEMENT_POLICIES:
+            raise ValueError(f"unknown placement policy {placement!r}; expected one of {PLACEMENT_POLICIES}")
+        if num_instances > 1 and placement != "static" and peers is None:
+            raise ValueError("a home that may borrow needs a PeerLink")
+        self.rm = rmanager
+        self.home = rmanager.instance_id
+        self.block_size = block_size
+        self.placement = placement
+        self.num_instances = num_instances
+        self.peers = peers
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self._tables: dict[str, list[BlockRef]] = {}
+        self._reserved: dict[str, list[BlockRef]] = {}
+        self._counts: dict[str, Counter[int]] = {}  # request -> instance -> blocks in its table
+
+    # ------------------------------------------------------------------ queries
+    def block_table(self, request_id: str) -> list[BlockRef]:
+        """The request's blocks in sequence order (the live list: do not mutate)."""
+        return self._tables.get(request_id, [])
+
+    def reservations(self, request_id: str) -> list[BlockRef]:
+        return list(self._reserved.get(request_id, []))
+
+    def requests(self) -> list[str]:
+        return list(self._tables.keys() | self._reserved.keys())
+
+    def holders(self, request_id: str) -> dict[int, int]:
+        """instance -> number of the request's table blocks held there."""
+        return dict(self._counts.get(request_id, {}))
+
+    def is_split(self, request_id: str) -> bool:
+        counts = self._counts.get(request_id)
+        return bool(counts) and any(i != self.home for i in counts)
+
+    def num_blocks_needed(self, request_id: str, total_tokens: int) -> int:
+        have = len(self._tables.get(request_id, []))
+        return max(0, -(-total_tokens // self.block_size) - have)
+
+    def max_tokens_per_request(self, num_blocks_per_instance: int, lend_cap: int) -> int:
+        """The longest context one request homed here could hold with the cluster empty."""
+        if self.placement == "static" or self.num_instances == 1:
+            blocks = num_blocks_per_instance
+        elif self.placement == "striped":
+            blocks = num_blocks_per_instance * self.num_instances
+        else:
+            blocks = num_blocks_per_instance + (self.num_instances - 1) * min(lend_cap, num_blocks_per_instance)
+        return blocks * self.block_size
+
+    def placement_of(self, request_id: str, num_computed_tokens: int) -> RequestPlacement:
+        """What the gManager needs to plan moves of this request."""
+        table = self._tables.get(request_id, [])
+        counts = self._counts.get(request_id, Counter())
+        movable = Counter(counts)
+        for ref in table[num_computed_tokens // self.block_size:]:
+            movable[ref.instance] -= 1  # not full yet: still written
+        bs = self.block_size
+        return RequestPlacement(
+            request_id=request_id, home=self.home,
+            tokens_by_instance={i: n * bs for i, n in sorted(counts.items()) if n},
+            movable_blocks={i: n for i, n in sorted(movable.items()) if n > 0},
+        )
+
+    # --------------------------------------------------------------- allocation
+    def allocate(self, request_id: str, total_tokens: int) -> bool:
+        """Grow the request's table to cover `total_tokens`: all the blocks or none."""
+        need = self.num_blocks_needed(request_id, total_tokens)
+        if need == 0:
+            return True
+        start = len(self._tables.get(request_id, []))
+        if self.placement == "striped" and self.num_instances > 1:
+            refs = self._allocate_striped(request_id, start, need)
+        else:
+            refs = self._allocate_home_first(request_id, start, need)
+        if refs is None:
+            return False
+        self._tables.setdefault(request_id, []).extend(refs)
+        self._counts.setdefault(request_id, Counter()).update(r.instance for r in refs)
+        return True
+
+    def _allocate_home_first(self, request_id: str, start: int, need: int) -> Optional[list[BlockRef]]:
+        with self.lock:
+            local = min(need, self.rm.num_free)
+            refs = self.rm.allocate_local(request_id, local) or []
+        remaining = need - local
+        if remaining and (self.placement == "static" or self.num_instances == 1):
+            self._give_back(request_id, refs)
+            return None
+        if remaining:
+            assert self.peers is not None
+            for creditor, lendable in self.peers.creditors(remaining):
+                take = min(remaining, lendable)
+                if take <= 0 or creditor == self.home:
+                    continue
+                indices = list(range(start + len(refs), start + len(refs) + take))
+                granted = self._borrow(creditor, request_id, take, indices)
+                if granted:
+                    refs.extend(granted)
+                    remaining -= take
+                if not remaining:
+                    break
+        if remaining:
+            self._give_back(request_id, refs)
+            return None
+        return refs
+
+    def _allocate_striped(self, request_id: str, start: int, need: int) -> Optional[list[BlockRef]]:
+        """Block j on (home + j) % N; an instance that refuses is skipped for the rest."""
+        n = self.num_instances
+        wanted: dict[int, list[int]] = {}
+        for index in range(start, start + need):
+            wanted.setdefault((self.home + index) % n, []).append(index)
+        placed: dict[int, BlockRef] = {}
+        refused: set[int] = set()
+        while wanted:
+            instance, indices = next(iter(wanted.items()))
+            del wanted[instance]
+            got = self._take(instance, request_id, indices)
+            if got is not None:
+                placed.update(zip(indices, got))
+                continue
+            refused.add(instance)
+            others = [i for i in range(n) if i not in refused]
+            if not others:
+                self._give_back(request_id, list(placed.values()))
+                return None
+            for k, index in enumerate(indices):  # spread the refused positions over the rest
+                wanted.setdefault(others[k % len(others)], []).append(index)
+        return [placed[i] for i in range(start, start + need)]
+
+    def _take(self, instance: int, request_id: str, indices: list[int]) -> Optional[list[BlockRef]]:
+        if instance == self.home:
+            with self.lock:
+                return self.rm.allocate_local(request_id, len(indices))
+        return self._borrow(instance, request_id, len(indices), indices)
+
+    def _borrow(self, creditor: int, request_id: str, n: int, indices: Optional[list[int]],
+                copy_tags: Optional[list[int]] = None) -> Optional[list[BlockRef]]:
+        assert self.peers is not None
+        blocks = self.peers.borrow(creditor, request_id, n, indices, copy_tags)
+        if not blocks:
+            return None
+        refs = [BlockRef(creditor, b) for b in blocks]
+        with self.lock:
+            self.rm.record_borrowed(request_id, creditor, refs)
+        return refs
+
+    def _give_back(self, request_id: str, refs: list[BlockRef]) -> None:
+        by_instance: dict[int, list[BlockRef]] = {}
+        for ref in refs:
+            by_instance.setdefault(ref.instance, []).append(ref)
+        for instance, group in by_instance.items():
+            with self.lock:
+                if instance == self.home:
+                    self.rm.release(request_id, group)
+                    continue
+                self.rm.forget_borrowed(request_id, instance, group)
+            assert self.peers is not None
+            self.peers.release(instance, request_id, [r.block for r in group])
+
+    # ----------------------------------------------------------------- release
+    def free(self, request_id: str) -> None:
+        """Release every block and reservation of the request, here and on its creditors."""
+        with self.lock:
+            self.rm.free_request(request_id)
+            creditors = self.rm.borrowed_ledger.get(request_id, {})
+            for creditor, ids in creditors.items():
+                self.rm.forget_borrowed(request_id, creditor, [BlockRef(creditor, b) for b in ids])
+        for creditor in creditors:
+            assert self.peers is not None
+            self.peers.release(creditor, request_id, None)
+        self._tables.pop(request_id, None)
+        self._reserved.pop(request_id, None)
+        self._counts.pop(request_id, None)
+
+    # ---------------------------------------------------------------- migration
+    def reserve(self, request_id: str, instance: int, copy_tags: list[int]) -> Optional[list[BlockRef]]:
+        """Reserve-first: one block on `instance` per migration copy (None if refused)."""
+        if request_id not in self._tables:
+            raise ValueError(f"cannot reserve blocks for unknown request {request_id!r}")
+        if self.placement == "static" and instance != self.home:
+            raise ValueError("the static placement policy keeps every block on the home instance")
+        if instance == self.home:
+            with self.lock:
+                refs = self.rm.reserve(self.home, request_id, len(copy_tags), copy_tags)
+        else:
+            refs = self._borrow(instance, request_id, len(copy_tags), None, copy_tags)
+        if refs:
+            self._reserved.setdefault(request_id, []).extend(refs)
+        return refs
+
+    def commit_move(self, request_id: str, index: int, new_ref: BlockRef) -> BlockRef:
+        """After a copy: table[index] = new_ref (a reservation), the old block is released."""
+        table = self._tables[request_id]
+        reserved = self._reserved.get(request_id, [])
+        if new_ref not in reserved:
+            raise ValueError(f"{new_ref} is not a reservation of request {request_id!r}")
+        old = table[index]
+        reserved.remove(new_ref)
+        if not reserved:
+            del self._reserved[request_id]
+        table[index] = new_ref
+        counts = self._counts[request_id]
+        counts[old.instance] -= 1
+        counts[new_ref.instance] += 1
+        if not counts[old.instance]:
+            del counts[old.instance]
+        if new_ref.instance != self.home:
+            assert self.peers is not None
+            self.peers.attach(new_ref.instance, request_id, index, new_ref.block)
+        self._give_back(request_id, [old])
+        return old
+
+    def cancel_reservation(self, request_id: str, refs: list[BlockRef]) -> None:
+        reserved = self._reserved.get(request_id, [])
+        for ref in refs:
+            reserved.remove(ref)
+        if not reserved:
+            self._reserved.pop(request_id, None)
+        self._give_back(request_id, refs)

@@ -1,0 +1,236 @@
+"""Every message the roles exchange (pure Python; tensor fields are opaque payloads).
+
+Roles: the router (front end), N instances, one gManager. Any role may send to any other at any
+time through `infinite_llm.transport`; per ordered pair messages arrive in order, and the
+protocols below rely on exactly that:
+
+- router -> home: `AddRequest`, `AbortRequest`; home -> router: `RequestUpdate` (token deltas).
+- rManager to rManager: `BorrowRequest` -> `BorrowReply` (grant or refusal), `ReleaseBlocks`,
+  `AttachBlock` (a migrated block takes its place in a request's table on its holder).
+- attention service: home -> holder `AttnQuery` (queries and the new tokens' K/V whose slots are
+  on the holder; the holder finds the request's blocks in its own ledger, so the message is O(1)
+  in the context length), holder -> home `AttnPartial` (out, lse).
+- instance -> gManager: `Heartbeat` (on a period, from a thread compute cannot block),
+  `CreditorQuery` -> `CreditorReply`; gManager -> home: `MigrationOrder`.
+- migration data: home -> source holder `CopyBlock`, source -> target `BlockData`,
+  target -> home `CopyDone`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from infinite_llm.control.request import Request
+
+ROUTER = "router"
+GMANAGER = "gmanager"
+
+
+# ------------------------------------------------------------------ router <-> home
+@dataclass
+class AddRequest:
+    request: Request
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class RequestUpdate:
+    """What a home reports about one of its requests after a step (a delta, not the whole)."""
+
+    instance: int
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    num_preemptions: int = 0
+    first_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+    error: Optional[str] = None  # set when the request failed on the instance (it alone)
+
+
+# ------------------------------------------------------------------ rManager <-> rManager
+@dataclass
+class BorrowRequest:
+    """Ask a creditor for blocks for `request_id` homed on `borrower`.
+
+    `indices` are the positions the blocks take in the request's block table (so the creditor
+    can serve attention over them without being sent the table); None asks for a migration
+    reservation, placed later by `AttachBlock`.
+    """
+
+    tag: int
+    borrower: int
+    request_id: str
+    num_blocks: int
+    indices: Optional[list[int]] = None
+    copy_tags: Optional[list[int]] = None  # for a reservation: the copies that will fill it
+
+
+@dataclass
+class BorrowReply:
+    tag: int
+    creditor: int
+    request_id: str
+    blocks: Optional[list[int]]  # None: refused
+
+
+@dataclass
+class ReleaseBlocks:
+    """The borrower gives back blocks (None: every block held for the request)."""
+
+    borrower: int
+    request_id: str
+    blocks: Optional[list[int]] = None
+
+
+@dataclass
+class AttachBlock:
+    """A reserved block now holds table position `index` of the request (migration commit)."""
+
+    borrower: int
+    request_id: str
+    index: int
+    block: int
+
+
+# ------------------------------------------------------------------ attention service
+@dataclass
+class GuestSeq:
+    """One request's share of an `AttnQuery`: `num_queries` query rows at positions
+    start_pos.., attending to the holder's blocks of the request up to `end_pos` tokens;
+    `write_offsets` are the chunk offsets of new tokens whose K/V slots are on the holder."""
+
+    request_id: str
+    start_pos: int
+    num_queries: int
+    write_offsets: list[int] = field(default_factory=list)
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + self.num_queries
+
+
+@dataclass
+class AttnQuery:
+    home: int
+    step: int
+    layer: int
+    seqs: list[GuestSeq]
+    q: Any  # [sum num_queries, Hq, D]
+    k: Any  # [sum len(write_offsets), Hkv, D]
+    v: Any
+
+
+@dataclass
+class AttnPartial:
+    holder: int
+    step: int
+    layer: int
+    out: Any  # [sum num_queries, Hq, D] float32
+    lse: Any  # [sum num_queries, Hq] float32
+    error: Optional[str] = None
+
+
+# ------------------------------------------------------------------ gManager
+@dataclass
+class RequestPlacement:
+    """Where a running request's KV lives, as its home reports it to the gManager."""
+
+    request_id: str
+    home: int
+    tokens_by_instance: dict[int, int]
+    movable_blocks: dict[int, int]  # full (immutable) blocks per instance
+
+
+@dataclass
+class InstanceLoad:
+    """The load figures of a heartbeat."""
+
+    batch_size: int = 0
+    num_waiting: int = 0
+    num_waiting_for_memory: int = 0
+    waiting_tokens: int = 0
+    running_tokens: int = 0
+    # Cumulative counters of the instance (for stats and benchmarks).
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_migrated_blocks: int = 0
+    num_guest_queries: int = 0
+
+
+@dataclass
+class Heartbeat:
+    instance: int
+    seq: int  # increases by one per heartbeat of this instance
+    sent_time: float
+    num_blocks: int
+    num_free: int
+    num_lent: int
+    num_borrowed: int
+    lendable: int
+    load: InstanceLoad
+    # Placement changes since the previous heartbeat (changed or new requests, and gone ones).
+    placements: list[RequestPlacement] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CreditorQuery:
+    tag: int
+    instance: int
+    num_blocks: int
+
+
+@dataclass
+class CreditorReply:
+    tag: int
+    candidates: list[int]
+
+
+@dataclass
+class MigrationOrder:
+    """Move `num_blocks` full blocks of the request from instance `src` to `dst`."""
+
+    request_id: str
+    src: int
+    dst: int
+    num_blocks: int
+
+
+# ------------------------------------------------------------------ migration data
+@dataclass
+class CopyBlock:
+    """Home -> source holder: send the payload of `src_block` to `dst`'s `dst_block`."""
+
+    tag: int
+    home: int
+    request_id: str
+    src_block: int
+    dst: int
+    dst_block: int
+
+
+@dataclass
+class BlockData:
+    tag: int
+    home: int
+    request_id: str
+    dst_block: int
+    payload: Any  # all layers' K and V of one block, flattened
+
+
+@dataclass
+class CopyDone:
+    tag: int
+    request_id: str
+    ok: bool = True
+
+
+@dataclass
+class Stop:
+    """Ask a role's loops to exit."""

@@ -1,0 +1,276 @@
+"""DistAttention on independent instances: ship / serve / return / merge.
+
+Home side (`StepAttention`, the model's attention backend for one step of one instance): per
+layer it writes its tokens' K/V into its own blocks, ships each holder of remote blocks one
+`AttnQuery` (the queries of the requests with blocks there, plus the new tokens' K/V whose slots
+are there), computes the local MicroAttention meanwhile, then merges the holders' `AttnPartial`s
+with ScaleReduce.
+
+Holder side (`GuestAttention`): serves an `AttnQuery` at once on the holder's message pump,
+whatever the holder's own loop is doing, so a home never waits for a holder's step and two
+instances that borrow from each other cannot deadlock. The holder finds the guest's blocks in its
+rManager's guest index; the message names only the request and the query positions.
+
+Everything that does not change between layers (slots, block tables, which rows go where) is
+built once per step (`StepLayout` on the home, a per-step cache on the holder).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from infinite_llm.control.messages import AttnPartial, AttnQuery, GuestSeq
+from infinite_llm.control.plan import SeqWork
+from infinite_llm.control.rmanager import RManager
+from infinite_llm.instance.kv_cache import PagedKVCache
+from infinite_llm.kernels.dist_attention import micro_attention, scale_reduce
+
+
+class RemoteAttentionError(RuntimeError):
+    """A holder did not answer (or answered with an error) for this step's attention."""
+
+
+@dataclass
+class SegmentTables:
+    """MicroAttention inputs for a list of (query rows, KV blocks) segments."""
+
+    cu_seqlens: torch.Tensor
+    q_positions: torch.Tensor
+    block_tables: torch.Tensor
+    block_starts: torch.Tensor
+    block_lens: torch.Tensor
+
+
+def build_segments(segments: list[tuple[int, int, list[int], list[int]]], block_size: int,
+                   device: torch.device) -> Optional[SegmentTables]:
+    """segments: (start_pos, num_queries, block ids, their table positions), visible up to
+    start_pos + num_queries."""
+    if not segments:
+        return None
+    width = max(len(blocks) for _, _, blocks, _ in segments)
+    tables, starts, lens, cu, qpos = [], [], [], [0], []
+    for start, n, blocks, positions in segments:
+        end = start + n
+        pad = width - len(blocks)
+        tables.append(blocks + [0] * pad)
+        starts.append([p * block_size for p in positions] + [0] * pad)
+        lens.append([min(block_size, end - p * block_size) for p in positions] + [0] * pad)
+        cu.append(cu[-1] + n)
+        qpos.extend(range(start, end))
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return SegmentTables(as_long(cu), as_long(qpos), as_long(tables), as_long(starts), as_long(lens))
+
+
+def run_micro_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, seg: SegmentTables):
+    return micro_attention(q, cache.k[layer], cache.v[layer], seg.cu_seqlens, seg.q_positions,
+                           seg.block_tables, seg.block_starts, seg.block_lens)
+
+
+# --------------------------------------------------------------------------- home side
+@dataclass
+class RemotePart:
+    """What one holder gets every layer of this step."""
+
+    seqs: list[GuestSeq]
+    q_rows: torch.Tensor  # rows of the step's tokens whose queries go there
+    kv_rows: torch.Tensor  # rows whose new K/V is stored there
+
+
+@dataclass
+class StepLayout:
+    num_tokens: int
+    local_write_rows: torch.Tensor
+    local_write_slots: torch.Tensor
+    local_rows: torch.Tensor  # rows of sequences with blocks here
+    local: Optional[SegmentTables]
+    remote: dict[int, RemotePart] = field(default_factory=dict)
+
+    @property
+    def all_local(self) -> bool:
+        return not self.remote and self.local_rows.numel() == self.num_tokens
+
+
+def build_step_layout(batch: list[SeqWork], rank: int, block_size: int, device: torch.device) -> StepLayout:
+    write_rows, write_slots, local_rows, segments = [], [], [], []
+    remote: dict[int, tuple[list[GuestSeq], list[int], list[int]]] = {}
+    row = 0
+    for work in batch:
+        n = len(work.token_ids)
+        visible = -(-work.end_pos // block_size)
+        by_holder: dict[int, list[int]] = {}
+        for index in range(visible):
+            by_holder.setdefault(work.block_table[index].instance, []).append(index)
+        for j in range(n):
+            pos = work.start_pos + j
+            ref = work.block_table[pos // block_size]
+            if ref.instance == rank:
+                write_rows.append(row + j)
+                write_slots.append(ref.block * block_size + pos % block_size)
+        for holder, indices in by_holder.items():
+            if holder == rank:
+                local_rows.extend(range(row, row + n))
+                segments.append((work.start_pos, n, [work.block_table[i].block for i in indices], indices))
+                continue
+            offsets = [j for j in range(n)
+                       if work.block_table[(work.start_pos + j) // block_size].instance == holder]
+            seqs, q_rows, kv_rows = remote.setdefault(holder, ([], [], []))
+            seqs.append(GuestSeq(work.request_id, work.start_pos, n, offsets))
+            q_rows.extend(range(row, row + n))
+            kv_rows.extend(row + j for j in offsets)
+        row += n
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return StepLayout(
+        num_tokens=row, local_write_rows=as_long(write_rows), local_write_slots=as_long(write_slots),
+        local_rows=as_long(local_rows), local=build_segments(segments, block_size, device),
+        remote={h: RemotePart(s, as_long(q), as_long(kv)) for h, (s, q, kv) in sorted(remote.items())},
+    )
+
+
+class PartialMailbox:
+    """Where the message pump drops `AttnPartial`s for the step thread waiting on them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._partials: dict[tuple[int, int, int], AttnPartial] = {}
+
+    def put(self, partial: AttnPartial) -> None:
+        with self._cond:
+            self._partials[(partial.step, partial.layer, partial.holder)] = partial
+            self._cond.notify_all()
+
+    def take(self, step: int, layer: int, holder: int, timeout_s: float) -> AttnPartial:
+        key = (step, layer, holder)
+        with self._cond:
+            if not self._cond.wait_for(lambda: key in self._partials, timeout=timeout_s):
+                raise RemoteAttentionError(
+                    f"instance {holder} did not answer layer {layer} of step {step} within {timeout_s:.0f} s"
+                )
+            return self._partials.pop(key)
+
+    def drop_step(self, step: int) -> None:
+        with self._cond:
+            for key in [k for k in self._partials if k[0] == step]:
+                del self._partials[key]
+
+
+class StepAttention:
+    """The model's attention backend for one step of one home instance."""
+
+    def __init__(self, rank: int, step: int, layout: StepLayout, cache: PagedKVCache,
+                 send: Callable[[int, object], None], mailbox: PartialMailbox,
+                 num_heads: int, head_dim: int, timeout_s: float) -> None:
+        self.rank, self.step, self.layout, self.cache = rank, step, layout, cache
+        self.send, self.mailbox, self.timeout_s = send, mailbox, timeout_s
+        self.hq, self.d = num_heads, head_dim
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
+        self.cache.write(layer, layout.local_write_slots, k[layout.local_write_rows], v[layout.local_write_rows])
+        self._ship(layer, q, k, v)
+        local = None
+        if layout.local is not None:
+            local = run_micro_attention(q[layout.local_rows], self.cache, layer, layout.local)
+        if layout.all_local:
+            assert local is not None
+            return local[0].to(q.dtype)
+        outs, lses = [], []
+        if local is not None:
+            out, lse = self._scatter(layout.local_rows, *local)
+            outs.append(out)
+            lses.append(lse)
+        for holder, part in layout.remote.items():
+            partial = self.mailbox.take(self.step, layer, holder, self.timeout_s)
+            if partial.error is not None:
+                raise RemoteAttentionError(f"instance {holder}: {partial.error}")
+            out, lse = self._scatter(part.q_rows, partial.out.to(q.device), partial.lse.to(q.device))
+            outs.append(out)
+            lses.append(lse)
+        merged, _ = scale_reduce(outs, lses)
+        return merged.to(q.dtype)
+
+    def _ship(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        for holder, part in self.layout.remote.items():
+            self.send(holder, AttnQuery(
+                home=self.rank, step=self.step, layer=layer, seqs=part.seqs,
+                q=q[part.q_rows], k=k[part.kv_rows], v=v[part.kv_rows],
+            ))
+
+    def _scatter(self, rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A partial over all the step's rows: 0 / -inf where it has nothing (ScaleReduce
+        then ignores it there)."""
+        full_out = torch.zeros(self.layout.num_tokens, self.hq, self.d, dtype=torch.float32, device=out.device)
+        full_lse = torch.full((self.layout.num_tokens, self.hq), float("-inf"), dtype=torch.float32, device=out.device)
+        full_out[rows] = out.float()
+        full_lse[rows] = lse.float()
+        return full_out, full_lse
+
+
+# --------------------------------------------------------------------------- holder side
+@dataclass
+class _GuestStep:
+    seg: Optional[SegmentTables]
+    write_slots: torch.Tensor
+    has_blocks: list[bool]
+
+
+class GuestAttention:
+    """Serves other instances' queries over the blocks this instance lent them."""
+
+    def __init__(self, rank: int, rmanager: RManager, lock, cache: PagedKVCache, device: torch.device) -> None:
+        self.rank, self.rm, self.lock, self.cache, self.device = rank, rmanager, lock, cache, device
+        self._steps: dict[int, tuple[int, _GuestStep]] = {}  # home -> (step, its layout)
+        self.num_served = 0
+
+    def serve(self, query: AttnQuery) -> AttnPartial:
+        try:
+            layout = self._layout(query)
+            self.cache.write(query.layer, layout.write_slots, query.k.to(self.device), query.v.to(self.device))
+            hq, d = query.q.shape[1], query.q.shape[2]
+            out = torch.zeros(query.q.shape[0], hq, d, dtype=torch.float32)
+            lse = torch.full((query.q.shape[0], hq), float("-inf"), dtype=torch.float32)
+            if layout.seg is not None:
+                rows = self._rows(query.seqs, layout.has_blocks)
+                o, l = run_micro_attention(query.q.to(self.device)[rows], self.cache, query.layer, layout.seg)
+                out[rows.cpu()] = o.float().cpu()
+                lse[rows.cpu()] = l.float().cpu()
+            self.num_served += 1
+            return AttnPartial(self.rank, query.step, query.layer, out, lse)
+        except Exception as exc:  # noqa: BLE001 - the home fails its step, not this instance
+            return AttnPartial(self.rank, query.step, query.layer, None, None, error=f"{type(exc).__name__}: {exc}")
+
+    def _layout(self, query: AttnQuery) -> _GuestStep:
+        cached = self._steps.get(query.home)
+        if cached is not None and cached[0] == query.step:
+            return cached[1]
+        bs = self.cache.block_size
+        segments, slots, has_blocks = [], [], []
+        with self.lock:
+            tables = {s.request_id: dict(self.rm.guest_blocks(s.request_id)) for s in query.seqs}
+        for s in query.seqs:
+            table = tables[s.request_id]
+            for j in s.write_offsets:
+                pos = s.start_pos + j
+                if pos // bs not in table:
+                    raise RuntimeError(f"request {s.request_id!r}: no block here for position {pos}")
+                slots.append(table[pos // bs] * bs + pos % bs)
+            visible = [(p, b) for p, b in sorted(table.items()) if p * bs < s.end_pos]
+            has_blocks.append(bool(visible))
+            if visible:
+                segments.append((s.start_pos, s.num_queries, [b for _, b in visible], [p for p, _ in visible]))
+        layout = _GuestStep(build_segments(segments, bs, self.device),
+                            torch.tensor(slots, dtype=torch.long, device=self.device), has_blocks)
+        self._steps[query.home] = (query.step, layout)
+        return layout
+
+    @staticmethod
+    def _rows(seqs: list[GuestSeq], has_blocks: list[bool]) -> torch.Tensor:
+        rows, row = [], 0
+        for s, has in zip(seqs, has_blocks):
+            if has:
+                rows.extend(range(row, row + s.num_queries))
+            row += s.num_queries
+        return torch.tensor(rows, dtype=torch.long)

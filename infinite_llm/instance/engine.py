@@ -1,0 +1,356 @@
+"""InstanceEngine: one instance as an engine of its own.
+
+Three threads, none of which waits for another instance's loop:
+- the step loop: `step()` = apply inbound requests / commit migrations / schedule / execute /
+  update, over the requests homed here, with this instance's own scheduler and token budget;
+- the message pump: answers peers at once (attention over lent blocks, borrow/grant/release,
+  block copies), hands replies to a waiting step, queues requests and migration orders for the
+  loop. A home waiting for partials or a grant never blocks a peer's pump, so borrowing both ways
+  cannot deadlock and a slow instance delays only the requests whose blocks it holds;
+- the heartbeat thread: on a period, sends the gManager this instance's block counts, load and
+  changed placements, whatever the compute is doing.
+The rManager is shared by the loop and the pump; every access holds `self.lock`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from infinite_llm.config import EngineConfig, ModelConfig
+from infinite_llm.control import creditor
+from infinite_llm.control import messages as m
+from infinite_llm.control.home_kv import HomeKV, lend_cap_for
+from infinite_llm.control.migration import HomeMigrations
+from infinite_llm.control.plan import BlockRef, SampleResult
+from infinite_llm.control.request import FinishReason, Request
+from infinite_llm.control.rmanager import RManager
+from infinite_llm.control.scheduler import Scheduler, SchedulerOutput
+from infinite_llm.instance.attention import GuestAttention, PartialMailbox
+from infinite_llm.instance.kv_cache import PagedKVCache
+from infinite_llm.instance.runner import ModelRunner
+from infinite_llm.transport.base import Endpoint, TransportClosed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    """A request/response exchange the loop waits on (borrow, creditor query)."""
+
+    done: threading.Event
+    reply: Any = None
+
+
+class InstanceEngine:
+    def __init__(self, rank: int, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module,
+                 endpoint: Endpoint, device: str = "cpu") -> None:
+        cache_cfg, cluster = config.cache, config.cluster
+        self.rank = rank
+        self.config = config
+        self.endpoint = endpoint
+        self.device = torch.device(device)
+        self.lock = threading.RLock()
+        blocks = cache_cfg.num_blocks_per_instance
+        self.lend_cap = lend_cap_for(cluster.placement, blocks, cache_cfg.lend_fraction)
+        self.rm = RManager(rank, blocks, self.lend_cap)
+        self.kv = HomeKV(self.rm, cache_cfg.block_size, cluster.placement, cluster.num_instances, self, self.lock)
+        max_context = min(self.kv.max_tokens_per_request(blocks, self.lend_cap), model_config.max_position_embeddings)
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_context)
+        self.migrations = HomeMigrations(self.kv, cluster.migration_tokens_per_step, self)
+        dtype = next(model.parameters()).dtype
+        self.cache = PagedKVCache(model_config, cache_cfg, dtype, self.device)
+        self.mailbox = PartialMailbox()
+        self.runner = ModelRunner(rank, model, model_config, self.cache, self.device, endpoint.send,
+                                  self.mailbox, seed=config.seed, attention_timeout_s=cluster.attention_timeout_s)
+        self.guests = GuestAttention(rank, self.rm, self.lock, self.cache, self.device)
+        self.step_delay_s = (cluster.debug_step_delay_s or {}).get(rank, 0.0)  # test hook: a slow instance
+        self._inbound: deque[object] = deque()
+        self._wake = threading.Event()
+        self._calls: dict[int, _Call] = {}
+        self._tags = itertools.count()
+        self._stop = threading.Event()
+        self._reported: dict[str, int] = {}  # request -> output tokens already reported
+        self._placements: dict[str, m.RequestPlacement] = {}
+        self._placement_delta: tuple[list[m.RequestPlacement], list[str]] = ([], [])
+        self._load = m.InstanceLoad()
+        self._last_snapshot = 0.0
+        self._heartbeat_seq = itertools.count(1)
+        self.num_steps = 0
+        self.failed: Optional[BaseException] = None
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        for name, target in (("pump", self._pump), ("loop", self._loop), ("heartbeat", self._heartbeats)):
+            thread = threading.Thread(target=target, name=f"instance-{self.rank}-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.endpoint.close()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout_s)
+
+    # ------------------------------------------------------------------ step loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._has_work():
+                self._snapshot(force=True)
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                progressed = self.step()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one step
+                logger.exception("instance %d: step failed", self.rank)
+                self.failed = exc
+                progressed = False
+            if not progressed:  # nothing schedulable (waiting for memory): poll, do not spin
+                self._wake.wait(0.01)
+                self._wake.clear()
+
+    def _has_work(self) -> bool:
+        return bool(self._inbound or self.scheduler.has_unfinished() or self.migrations.busy())
+
+    def step(self) -> bool:
+        """schedule -> execute -> update. Returns whether a batch ran."""
+        self._apply_inbound()
+        running = {r.request_id: r for r in self.scheduler.running}
+        self.migrations.commit(running)
+        out = self.scheduler.schedule()
+        self.migrations.issue({r.request_id: r for r in self.scheduler.running})
+        if out.preempted:
+            self._report(out.preempted)
+        if not out.batch:
+            self._snapshot()
+            return False
+        results = self._execute(out)
+        self._update(out, results)
+        self._snapshot()
+        return True
+
+    def _execute(self, out: SchedulerOutput) -> list[SampleResult]:
+        self.num_steps += 1
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        try:
+            return self.runner.execute(out.batch, self.num_steps)
+        except Exception as exc:  # noqa: BLE001 - the batch's requests fail; the instance goes on
+            logger.exception("instance %d: step %d failed", self.rank, self.num_steps)
+            error = f"{type(exc).__name__}: {exc}"
+            return [SampleResult(w.request_id, -1, error=error) for w in out.batch]
+
+    def _update(self, out: SchedulerOutput, results: list[SampleResult]) -> None:
+        now = time.monotonic()
+        errors = {r.request_id: r.error for r in results if r.error is not None}
+        failed = []
+        for work in out.batch:  # a failed prefill chunk (nothing sampled) fails its request too
+            if work.request_id in errors and not work.sample:
+                self.scheduler.finish(work.request_id, FinishReason.ABORT, now)
+                failed.append(self.scheduler.requests[work.request_id])
+        self._report(failed + self.scheduler.update(out, results, now), errors)
+
+    def _report(self, requests: list[Request], errors: Optional[dict[str, str]] = None) -> None:
+        updates = []
+        for request in requests:
+            seen = self._reported.get(request.request_id, 0)
+            new = request.output_token_ids[seen:]
+            self._reported[request.request_id] = len(request.output_token_ids)
+            updates.append(m.RequestUpdate(
+                instance=self.rank, request_id=request.request_id, new_token_ids=list(new),
+                finished=request.is_finished,
+                finish_reason=request.finish_reason.value if request.finish_reason else None,
+                num_preemptions=request.num_preemptions, first_token_time=request.first_token_time,
+                finished_time=request.finished_time, error=(errors or {}).get(request.request_id),
+            ))
+            if request.is_finished:
+                self._forget(request.request_id)
+        if updates:
+            self.endpoint.send(m.ROUTER, updates)
+
+    def _forget(self, request_id: str) -> None:
+        self._reported.pop(request_id, None)
+        self.migrations.forget(request_id)
+        self.scheduler.pop_finished(request_id)
+
+    def _apply_inbound(self) -> None:
+        while self._inbound:
+            item = self._inbound.popleft()
+            if isinstance(item, m.AddRequest):
+                self._admit(item.request)
+            elif isinstance(item, m.AbortRequest):
+                request = self.scheduler.abort(item.request_id)
+                if request is not None:
+                    request.finished_time = time.monotonic()
+                    self._report([request])
+            elif isinstance(item, m.MigrationOrder):
+                self.migrations.add_order(item)
+
+    def _admit(self, request: Request) -> None:
+        try:
+            self.scheduler.add_request(request)
+        except Exception as exc:  # noqa: BLE001 - the router validated; this request fails alone
+            request.finish_reason = FinishReason.ABORT
+            self.endpoint.send(m.ROUTER, [m.RequestUpdate(self.rank, request.request_id, [], True, "abort",
+                                                          error=f"{type(exc).__name__}: {exc}")])
+            return
+        self._reported[request.request_id] = len(request.output_token_ids)
+
+    # ------------------------------------------------------------------ message pump
+    def _pump(self) -> None:
+        handlers = {
+            m.AttnQuery: self._on_attn_query, m.AttnPartial: self.mailbox.put,
+            m.BorrowRequest: self._on_borrow, m.BorrowReply: self._on_reply, m.CreditorReply: self._on_reply,
+            m.ReleaseBlocks: self._on_release, m.AttachBlock: self._on_attach,
+            m.CopyBlock: self._on_copy_block, m.BlockData: self._on_block_data,
+            m.CopyDone: lambda msg: self.migrations.copy_done(msg.tag, msg.ok),
+        }
+        while not self._stop.is_set():
+            try:
+                message = self.endpoint.recv(timeout=0.5)
+            except TransportClosed:
+                return
+            if message is None:
+                continue
+            if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder)):
+                self._inbound.append(message)
+                self._wake.set()
+                continue
+            if isinstance(message, m.Stop):
+                self._stop.set()
+                self._wake.set()
+                return
+            try:
+                handlers[type(message)](message)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the pump
+                logger.exception("instance %d: handling %s failed", self.rank, type(message).__name__)
+
+    def _on_attn_query(self, query: m.AttnQuery) -> None:
+        self.endpoint.send(query.home, self.guests.serve(query))
+
+    def _on_borrow(self, req: m.BorrowRequest) -> None:
+        with self.lock:
+            reply = creditor.on_borrow(self.rm, req)
+        self.endpoint.send(req.borrower, reply)
+
+    def _on_reply(self, reply: Any) -> None:
+        call = self._calls.pop(reply.tag, None)
+        if call is None:  # the caller gave up waiting: give back a late grant
+            if isinstance(reply, m.BorrowReply) and reply.blocks:
+                self.endpoint.send(reply.creditor, m.ReleaseBlocks(self.rank, reply.request_id, reply.blocks))
+            return
+        call.reply = reply
+        call.done.set()
+
+    def _on_release(self, msg: m.ReleaseBlocks) -> None:
+        with self.lock:
+            creditor.on_release(self.rm, msg)
+
+    def _on_attach(self, msg: m.AttachBlock) -> None:
+        with self.lock:
+            creditor.on_attach(self.rm, msg)
+
+    def _on_copy_block(self, msg: m.CopyBlock) -> None:
+        with self.lock:
+            payload = self.cache.block_payload(msg.src_block) if self.rm.holds(msg.request_id, msg.src_block) else None
+        if payload is None:
+            self.endpoint.send(msg.home, m.CopyDone(msg.tag, msg.request_id, ok=False))
+            return
+        self.endpoint.send(msg.dst, m.BlockData(msg.tag, msg.home, msg.request_id, msg.dst_block, payload))
+
+    def _on_block_data(self, msg: m.BlockData) -> None:
+        with self.lock:  # only the copy the block was reserved for may write it
+            ok = self.rm.accepts_copy(msg.request_id, msg.dst_block, msg.tag)
+            if ok:
+                self.cache.load_block(msg.dst_block, msg.payload.to(self.device))
+        self.endpoint.send(msg.home, m.CopyDone(msg.tag, msg.request_id, ok))
+
+    # ------------------------------------------------------------------ PeerLink / CopyLink
+    def _call(self, dst: object, make: Any, timeout_s: float = 10.0) -> Any:
+        tag = next(self._tags)
+        call = _Call(threading.Event())
+        self._calls[tag] = call
+        self.endpoint.send(dst, make(tag))
+        if not call.done.wait(timeout_s):
+            self._calls.pop(tag, None)
+            return None
+        return call.reply
+
+    def creditors(self, num_blocks: int) -> list[tuple[int, int]]:
+        reply = self._call(m.GMANAGER, lambda tag: m.CreditorQuery(tag, self.rank, num_blocks))
+        return list(reply.candidates) if reply is not None else []
+
+    def borrow(self, creditor: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
+               copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
+        reply = self._call(creditor, lambda tag: m.BorrowRequest(tag, self.rank, request_id, num_blocks,
+                                                                 indices, copy_tags))
+        return reply.blocks if reply is not None else None
+
+    def release(self, creditor: int, request_id: str, blocks: Optional[list[int]]) -> None:
+        self.endpoint.send(creditor, m.ReleaseBlocks(self.rank, request_id, blocks))
+
+    def attach(self, holder: int, request_id: str, index: int, block: int) -> None:
+        self.endpoint.send(holder, m.AttachBlock(self.rank, request_id, index, block))
+
+    def start_copy(self, tag: int, request_id: str, src: BlockRef, dst: BlockRef) -> None:
+        self.endpoint.send(src.instance, m.CopyBlock(tag, self.rank, request_id, src.block, dst.instance, dst.block))
+
+    # ------------------------------------------------------------------ heartbeats
+    def _snapshot(self, force: bool = False) -> None:
+        """Refresh the load and placement changes the heartbeat thread sends (loop thread)."""
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < self.config.cluster.heartbeat_interval_s / 2:
+            return
+        self._last_snapshot = now
+        current = {
+            r.request_id: self.kv.placement_of(r.request_id, r.num_computed_tokens)
+            for r in self.scheduler.running if self.kv.block_table(r.request_id)
+        }
+        changed = [p for rid, p in current.items() if self._placements.get(rid) != p]
+        removed = [rid for rid in self._placements if rid not in current]
+        self._placements = current
+        load = self.scheduler.load()
+        load.num_steps = self.num_steps
+        load.num_preemptions = self.scheduler.num_preemptions
+        load.num_migrated_blocks = self.migrations.num_migrated_blocks
+        load.num_guest_queries = self.guests.num_served
+        with self.lock:
+            old_changed, old_removed = self._placement_delta
+            keep = {p.request_id: p for p in old_changed if p.request_id not in removed}
+            keep.update({p.request_id: p for p in changed})
+            self._placement_delta = (list(keep.values()), [r for r in old_removed if r not in current] + removed)
+            self._load = load
+
+    def heartbeat(self) -> m.Heartbeat:
+        with self.lock:
+            changed, removed = self._placement_delta
+            self._placement_delta = ([], [])
+            return m.Heartbeat(
+                instance=self.rank, seq=next(self._heartbeat_seq), sent_time=time.monotonic(),
+                num_blocks=self.rm.pool.num_blocks, num_free=self.rm.num_free, num_lent=self.rm.num_lent,
+                num_borrowed=self.rm.num_borrowed, lendable=self.rm.lendable, load=self._load,
+                placements=changed, removed=removed,
+            )
+
+    def _heartbeats(self) -> None:
+        period = self.config.cluster.heartbeat_interval_s
+        while True:
+            try:
+                self.endpoint.send(m.GMANAGER, self.heartbeat())
+            except TransportClosed:
+                return
+            except Exception:  # noqa: BLE001 - keep beating; the gManager judges liveness
+                logger.exception("instance %d: heartbeat failed", self.rank)
+            if self._stop.wait(period):
+                return

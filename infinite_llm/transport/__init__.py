@@ -1,0 +1,1 @@
+"""Any-pair asynchronous messages between instances, the router and the gManager."""

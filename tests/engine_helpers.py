@@ -1,0 +1,43 @@
+"""Factories and checks shared by the engine tests."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from infinite_llm.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
+from infinite_llm.control.invariants import check_cluster
+from infinite_llm.engine import LLM
+
+
+def make_llm(path, *, instances=1, blocks=256, block_size=8, placement="infinite", batched_tokens=64,
+             max_num_seqs=16, backend="local", lend_fraction=0.9, **cluster) -> LLM:
+    cluster.setdefault("rebalance_interval_s", 3600.0)  # tests inject migrations explicitly
+    config = EngineConfig(
+        model=str(path),
+        cache=CacheConfig(block_size=block_size, num_blocks_per_instance=blocks, lend_fraction=lend_fraction),
+        cluster=ClusterConfig(num_instances=instances, placement=placement, backend=backend, **cluster),
+        scheduler=SchedulerConfig(max_num_batched_tokens=batched_tokens, max_num_seqs=max_num_seqs),
+    )
+    return LLM(model=str(path), config=config)
+
+
+def prompts(seed: int, lengths: list[int], vocab: int = 200) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def assert_all_free(llm: LLM, timeout_s: float = 10.0) -> None:
+    """Once the messages in flight land: invariants hold and no block is used anywhere."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = llm.engine.cluster.control_states()
+        try:
+            check_cluster([rm for rm, _ in states], [tables for _, tables in states])
+            for rm, _ in states:
+                assert rm.pool.num_used == 0, f"instance {rm.instance_id} leaked {rm.pool.num_used} blocks"
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
