@@ -119,8 +119,12 @@ class LLMEngine:
             raise ValueError(f"unknown placement policy {cluster.placement!r}; expected one of {PLACEMENT_POLICIES}")
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
         self.cluster = self._start_cluster()
-        self.router = Router(self.cluster.router_endpoint, cluster.num_instances, cache.block_size,
-                             self.cluster.gmanager.free_blocks)
+        self.router = Router(self.cluster.router_endpoint, cluster.num_instances, cache.block_size)
+        try:
+            self.router.wait_ready(timeout_s=120)
+        except BaseException:
+            self.shutdown()
+            raise
         self._requests: dict[str, _Tracked] = {}  # until their last output is handed out
         # Requests admitted that have no token yet: the cluster-wide waiting queue (HTTP 429).
         self._awaiting_first_token: set[str] = set()
@@ -280,14 +284,10 @@ class LLMEngine:
         )
 
     def stats(self) -> EngineStats:
-        gm = self.cluster.gmanager
+        """Cluster figures as the gManager last heard them (lag: one heartbeat period)."""
         per_instance = []
-        with gm.lock:
-            statuses = [gm.gm.status(i) for i in range(self.config.cluster.num_instances)]
         running = waiting = preemptions = migrated = 0
-        for i, s in enumerate(statuses):
-            if s is None:
-                continue
+        for i, s in sorted(self.router.view().items()):
             running += s.load.batch_size
             waiting += s.load.num_waiting
             preemptions += s.load.num_preemptions
@@ -303,6 +303,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
+        self.router.close()
 
 
 class LLM:

@@ -1,4 +1,6 @@
-"""The gManager as a service: its own thread and mailbox (heartbeats in, answers and orders out)."""
+"""The gManager as a service: its own thread and mailbox (heartbeats in; creditor answers,
+migration orders and the cluster view for the router out). It runs in the driver process
+(embedded default) or as a Ray actor; either way it is reached only by messages."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 class GManagerService:
     def __init__(self, endpoint: Endpoint, num_instances: int, perf: PerfModel, block_size: int,
-                 rebalance: bool, rebalance_interval_s: float, heartbeat_timeout_s: float = 10.0,
-                 copy_s_per_block: float = 0.0) -> None:
+                 rebalance: bool, rebalance_interval_s: float, view_interval_s: float = 0.05,
+                 heartbeat_timeout_s: float = 10.0, copy_s_per_block: float = 0.0) -> None:
         self.endpoint = endpoint
         self.gm = GManager(num_instances, heartbeat_timeout_s)
         self.perf = perf
@@ -28,7 +30,7 @@ class GManagerService:
                                                   horizon_s=rebalance_interval_s)
         self.rebalance = rebalance and num_instances > 1
         self.rebalance_interval_s = rebalance_interval_s
-        self.lock = threading.Lock()  # the router reads the view from its own thread
+        self.view_interval_s = view_interval_s
         self.num_orders_sent = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -43,58 +45,47 @@ class GManagerService:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Block until every instance has reported once (the cluster can serve and lend)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self.lock:
-                missing = [i for i in range(self.gm.num_instances) if self.gm.status(i) is None]
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"instances {missing} did not report within {timeout_s:.0f} s")
-            time.sleep(0.005)
-
-    def free_blocks(self) -> dict[int, tuple[int, int]]:
-        """instance -> (free blocks, batch size) as last reported (for the router's dispatch)."""
-        with self.lock:
-            return {
-                i: (s.num_free, s.load.batch_size + s.load.num_waiting)
-                for i in range(self.gm.num_instances) if (s := self.gm.status(i)) is not None
-            }
-
     def _run(self) -> None:
-        next_plan = time.monotonic() + self.rebalance_interval_s
+        now = time.monotonic()
+        next_plan, next_view = now + self.rebalance_interval_s, now
         while not self._stop.is_set():
-            timeout = max(0.0, next_plan - time.monotonic()) if self.rebalance else 0.5
+            due = min(next_plan, next_view) if self.rebalance else next_view
             try:
-                message = self.endpoint.recv(timeout=timeout)
+                message = self.endpoint.recv(timeout=max(0.0, due - time.monotonic()))
             except TransportClosed:
                 return
             try:
                 if message is not None:
                     self._handle(message)
-                if self.rebalance and time.monotonic() >= next_plan:
+                now = time.monotonic()
+                if now >= next_view:
+                    self._send_view()
+                    next_view = now + self.view_interval_s
+                if self.rebalance and now >= next_plan:
                     self._send_orders()
-                    next_plan = time.monotonic() + self.rebalance_interval_s
+                    next_plan = now + self.rebalance_interval_s
+            except TransportClosed:
+                return
             except Exception:  # noqa: BLE001 - the gManager outlives a bad message
                 logger.exception("gManager: handling %r failed", type(message).__name__)
 
     def _handle(self, message: object) -> None:
         if isinstance(message, m.Heartbeat):
-            with self.lock:
-                self.gm.heartbeat(message, time.monotonic())
+            self.gm.heartbeat(message, time.monotonic())
         elif isinstance(message, m.CreditorQuery):
-            with self.lock:
-                candidates = self.gm.candidate_creditors(message.instance, message.num_blocks, time.monotonic())
+            candidates = self.gm.candidate_creditors(message.instance, message.num_blocks, time.monotonic())
             self.endpoint.send(message.instance, m.CreditorReply(message.tag, candidates))
         elif isinstance(message, m.Stop):
             self._stop.set()
 
+    def _send_view(self) -> None:
+        statuses = {
+            i: s.status() for i in range(self.gm.num_instances) if (s := self.gm.status(i)) is not None
+        }
+        self.endpoint.send(m.ROUTER, m.ClusterView(statuses))
+
     def _send_orders(self) -> None:
-        with self.lock:
-            orders = self.gm.plan_migrations(self.perf, self.rebalancer_config)
-        for order in orders:
+        for order in self.gm.plan_migrations(self.perf, self.rebalancer_config):
             home = self.gm.home_of(order.request_id)
             if home is not None:
                 self.endpoint.send(home, order)

@@ -58,7 +58,6 @@ class LocalCluster:
         self.gmanager.start()
         for instance in self.instances:
             instance.start()
-        self.gmanager.wait_ready(timeout_s=30)
 
     def control_states(self) -> list:
         """(rManager, tables) of every instance, for invariant checks (quiesce first)."""

@@ -1,8 +1,8 @@
-"""Instances as Ray actors, one per device (or CPU slot), talking over ZeroMQ.
+"""Instances and the gManager as Ray actors, talking over ZeroMQ.
 
-Ray places and starts the processes; it carries no per-step traffic. Each actor binds a ZeroMQ
-endpoint, the driver gathers every address (the router's and the gManager's too, both in the
-driver process) and hands the full map to every actor, after which any pair talks directly.
+Ray places and starts the processes (one instance per device, or per CPU slot); it carries no
+per-step traffic. Each actor binds a ZeroMQ endpoint, the driver gathers every address (its
+router's too) and hands the full map to every actor, after which any pair talks directly.
 With no `ray_address` an embedded local Ray is started (the default); with one (e.g. "auto")
 the instances are placed on an existing cluster, one per GPU when the device is CUDA.
 """
@@ -69,6 +69,28 @@ class _InstanceActor:
             self.engine.stop()
 
 
+class _GManagerActor:
+    """The gManager service in a Ray actor of its own (it needs no device)."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+        import ray
+
+        from infinite_llm.transport.zmq_transport import ZmqEndpoint
+
+        self.endpoint = ZmqEndpoint(GMANAGER, bind_host=ray.util.get_node_ip_address())
+        self.service = make_gmanager(self.endpoint, config, model_config)
+
+    def address(self) -> str:
+        return self.endpoint.address
+
+    def start(self, peers: dict) -> None:
+        self.endpoint.connect(peers)
+        self.service.start()
+
+    def stop(self) -> None:
+        self.service.stop()
+
+
 class RayCluster:
     def __init__(self, config: EngineConfig, model_path: str, model_config: ModelConfig) -> None:
         import ray
@@ -82,18 +104,14 @@ class RayCluster:
         actor_cls = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0)(_InstanceActor)
         num_threads = max(1, (os.cpu_count() or 1) // n)
         self.actors = [actor_cls.remote(rank, config, model_path, model_config, num_threads) for rank in range(n)]
+        self.gmanager = ray.remote(num_cpus=0)(_GManagerActor).remote(config, model_config)
         addresses = ray.get([a.address.remote() for a in self.actors], timeout=120)
-        host = ray.util.get_node_ip_address()
-        self.router_endpoint = ZmqEndpoint(ROUTER, bind_host=host)
-        gm_endpoint = ZmqEndpoint(GMANAGER, bind_host=host)
-        peers = {ROUTER: self.router_endpoint.address, GMANAGER: gm_endpoint.address}
+        self.router_endpoint = ZmqEndpoint(ROUTER, bind_host=ray.util.get_node_ip_address())
+        peers = {ROUTER: self.router_endpoint.address, GMANAGER: ray.get(self.gmanager.address.remote(), timeout=120)}
         peers.update(enumerate(addresses))
         self.router_endpoint.connect(peers)
-        gm_endpoint.connect(peers)
-        self.gmanager = make_gmanager(gm_endpoint, config, model_config)
-        self.gmanager.start()
+        ray.get(self.gmanager.start.remote(peers), timeout=60)
         self.pids = ray.get([a.start.remote(peers) for a in self.actors], timeout=300)
-        self.gmanager.wait_ready(timeout_s=60)
 
     @staticmethod
     def _init_ray(address: Optional[str], num_instances: int) -> bool:
@@ -120,14 +138,13 @@ class RayCluster:
 
         if not ray.is_initialized():
             return
+        actors = self.actors + [self.gmanager]
         try:
-            ray.get([a.stop.remote() for a in self.actors], timeout=30)
+            ray.get([a.stop.remote() for a in actors], timeout=30)
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
-        for actor in self.actors:
+        for actor in actors:
             ray.kill(actor)
         self.actors = []
-        self.gmanager.stop()
-        self.router_endpoint.close()
         if self._started_ray:
             ray.shutdown()

@@ -3,13 +3,17 @@
 Dispatch is least-loaded on the gManager's view (most free KV blocks, then fewest requests),
 corrected for what the router sent since that view was reported, so a burst of arrivals
 spreads out instead of landing on the instance that looked emptiest. Outputs come back as
-`RequestUpdate` deltas; aborts go to the home by request id.
+`RequestUpdate` deltas; aborts go to the home by request id. A pump thread keeps the view fresh
+and buffers updates, whether or not the front end is polling.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+import queue
+import threading
+import time
+from typing import Optional
 
 from infinite_llm.control import messages as m
 from infinite_llm.control.request import Request
@@ -17,29 +21,46 @@ from infinite_llm.transport.base import Endpoint, TransportClosed
 
 
 class Router:
-    def __init__(self, endpoint: Endpoint, num_instances: int, block_size: int,
-                 view: Callable[[], dict[int, tuple[int, int]]]) -> None:
+    def __init__(self, endpoint: Endpoint, num_instances: int, block_size: int) -> None:
         self.endpoint = endpoint
         self.num_instances = num_instances
         self.block_size = block_size
-        self.view = view
         self.homes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._view: dict[int, m.InstanceStatus] = {}
         # Blocks and requests dispatched per instance since the view last changed.
         self._sent: list[list[int]] = [[0, 0] for _ in range(num_instances)]
-        self._last_view: dict[int, tuple[int, int]] = {}
+        self._updates: queue.SimpleQueue[list[m.RequestUpdate]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._pump, name="router", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the view
+    def view(self) -> dict[int, m.InstanceStatus]:
+        """instance -> its status as the gManager last reported it."""
+        with self._lock:
+            return dict(self._view)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the gManager reported every instance (the cluster can serve and lend)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.view()) < self.num_instances:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.num_instances)) - set(self.view()))
+                raise TimeoutError(f"instances {missing} did not report within {timeout_s:.0f} s")
+            time.sleep(0.005)
 
     def choose_home(self, request: Request) -> int:
         view = self.view()
-        if view != self._last_view:
-            self._last_view = view
-            self._sent = [[0, 0] for _ in range(self.num_instances)]
 
         def score(i: int) -> tuple[int, int, int]:
-            free, load = view.get(i, (0, 0))
+            status = view.get(i)
+            free = status.num_free if status else 0
+            load = status.load.batch_size + status.load.num_waiting if status else 0
             return (free - self._sent[i][0], -(load + self._sent[i][1]), -i)
 
         return max(range(self.num_instances), key=score)
 
+    # ------------------------------------------------------------------ requests
     def dispatch(self, request: Request, home: Optional[int] = None) -> int:
         """Send a copy of the request to its home (the caller keeps its own object)."""
         home = self.choose_home(request) if home is None else home
@@ -48,8 +69,9 @@ class Router:
         request.output_token_ids = list(request.output_token_ids)
         request.home = home
         self.homes[request.request_id] = home
-        self._sent[home][0] += -(-request.num_tokens // self.block_size)
-        self._sent[home][1] += 1
+        with self._lock:
+            self._sent[home][0] += -(-request.num_tokens // self.block_size)
+            self._sent[home][1] += 1
         self.endpoint.send(home, m.AddRequest(request))
         return home
 
@@ -68,17 +90,32 @@ class Router:
     def poll(self, timeout_s: Optional[float]) -> list[m.RequestUpdate]:
         """Updates that arrived (waits up to `timeout_s` for the first one)."""
         updates: list[m.RequestUpdate] = []
-        wait = timeout_s
+        try:
+            updates.extend(self._updates.get(timeout=timeout_s) if timeout_s else self._updates.get_nowait())
+            while True:
+                updates.extend(self._updates.get_nowait())
+        except queue.Empty:
+            pass
+        for update in updates:
+            if update.finished:
+                self.homes.pop(update.request_id, None)
+        return updates
+
+    def close(self) -> None:
+        self.endpoint.close()
+        self._thread.join(5)
+
+    def _pump(self) -> None:
         while True:
             try:
-                message = self.endpoint.recv(timeout=wait)
+                message = self.endpoint.recv(timeout=1.0)
             except TransportClosed:
-                return updates
-            if message is None:
-                return updates
+                return
             if isinstance(message, list):
-                for update in message:
-                    if update.finished:
-                        self.homes.pop(update.request_id, None)
-                updates.extend(message)
-            wait = 0.0
+                self._updates.put(message)
+            elif isinstance(message, m.ClusterView):
+                with self._lock:
+                    for i, status in message.statuses.items():
+                        if self._view.get(i) != status:  # it reported since: its count includes ours
+                            self._sent[i] = [0, 0]
+                    self._view = message.statuses

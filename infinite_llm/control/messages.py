@@ -164,6 +164,19 @@ class InstanceLoad:
 
 
 @dataclass
+class InstanceStatus:
+    """One instance's block counts and load, as its latest heartbeat reported them."""
+
+    instance: int
+    num_blocks: int
+    num_free: int
+    num_lent: int
+    num_borrowed: int
+    lendable: int
+    load: InstanceLoad
+
+
+@dataclass
 class Heartbeat:
     instance: int
     seq: int  # increases by one per heartbeat of this instance
@@ -177,6 +190,17 @@ class Heartbeat:
     # Placement changes since the previous heartbeat (changed or new requests, and gone ones).
     placements: list[RequestPlacement] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+
+    def status(self) -> InstanceStatus:
+        return InstanceStatus(self.instance, self.num_blocks, self.num_free, self.num_lent, self.num_borrowed,
+                              self.lendable, self.load)
+
+
+@dataclass
+class ClusterView:
+    """gManager -> router, on the heartbeat period: what it knows of every instance."""
+
+    statuses: dict[int, InstanceStatus]
 
 
 @dataclass

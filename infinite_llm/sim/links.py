@@ -60,11 +60,11 @@ class HomeLink:
         self._delay_s += 2 * self.world.gmanager_latency(self.home)
         return self.world.gmanager.candidate_creditors(self.home, num_blocks, self.now)
 
-    def borrow(self, creditor_id: int, request_id: str, num_blocks: int,
-               indices: Optional[list[int]]) -> Optional[list[int]]:
+    def borrow(self, creditor_id: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
+               copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
         self._delay_s += 2 * self.world.cost.latency(self.home, creditor_id)
         self.num_borrows += 1
-        request = BorrowRequest(next(self._tags), self.home, request_id, num_blocks, indices)
+        request = BorrowRequest(next(self._tags), self.home, request_id, num_blocks, indices, copy_tags)
         reply = creditor.on_borrow(self.world.rmanagers[creditor_id], request)
         if reply.blocks:
             self.world.touched(creditor_id)

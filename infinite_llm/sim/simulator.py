@@ -4,8 +4,9 @@ Every instance is an engine of its own (`SimInstance`: the real `RManager`, `Hom
 `Scheduler` and `HomeMigrations`, stepped in `InstanceEngine.step`'s order) with its own clock:
 the time its loop is free. Nothing steps the cluster as a whole. Events, in time order:
 
-- arrival: the real `Router` picks a home on the gManager's heartbeat view (most free blocks,
-  corrected for what it dispatched since); the request reaches the home after a link latency.
+- arrival: the router's rule (`SimRouter`, as `cluster/router.py`) picks a home on the view the
+  gManager last sent it (most free blocks, corrected for what it dispatched since); the request
+  reaches the home after a link latency.
   A request no instance could ever hold is refused at the front end, as `LLMEngine` does;
 - instance step: finish the step in flight (scheduler update), then begin the next one (inbound
   requests and orders, commit copies, schedule, issue copies) and price it (`pricing.py`). The
@@ -40,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from infinite_llm.bench.workloads import TraceRequest
-from infinite_llm.cluster.router import Router
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.gmanager import GManager
 from infinite_llm.control.home_kv import PLACEMENT_POLICIES
@@ -53,6 +53,7 @@ from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError
 from infinite_llm.sim.cluster import SimClusterSpec, StepCostModel
 from infinite_llm.sim.instance import InstanceSpec, SimInstance
 from infinite_llm.sim.requests import RequestRecord, make_request
+from infinite_llm.sim.router import SimRouter
 from infinite_llm.sim.results import SimResult, mean
 
 
@@ -73,6 +74,7 @@ class SimSetup:
     lend_fraction: float = 0.9
     heartbeat_interval_s: float = 0.1
     rebalance_interval_s: float = 0.5
+    view_interval_s: float = 0.05  # the gManager's view to the router
     migration_tokens_per_step: int = 1024
     # The model the rebalancer plans with; None: the cost model's PerfModel.
     rebalancer_perf: Optional[PerfModel] = None
@@ -98,7 +100,8 @@ class SimSetup:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SimSetup.{name} must be an integer >= 1, got {value!r}")
-        for name in ("heartbeat_interval_s", "rebalance_interval_s", "idle_poll_s", "stall_timeout_s"):
+        for name in ("heartbeat_interval_s", "rebalance_interval_s", "view_interval_s", "idle_poll_s",
+                     "stall_timeout_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"SimSetup.{name} must be finite and > 0, got {getattr(self, name)!r}")
         if self.migration_tokens_per_step < 0:
@@ -122,16 +125,6 @@ class SimSetup:
                                 horizon_s=self.rebalance_interval_s)
 
 
-class _Outbox:
-    """The router's endpoint: the simulator delivers what it sends, after a latency."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[object, object]] = []
-
-    def send(self, dst: object, message: object) -> None:
-        self.sent.append((dst, message))
-
-
 class Simulator:
     """One cluster, one placement policy; `run(trace)` once."""
 
@@ -144,8 +137,7 @@ class Simulator:
                             setup.scheduler, setup.lend_fraction, setup.migration_tokens_per_step, setup.token_id)
         self.instances = [SimInstance(i, spec, self) for i in range(n)]
         self.rmanagers = [inst.rm for inst in self.instances]
-        self._outbox = _Outbox()
-        self.router = Router(self._outbox, n, setup.block_size, self._router_view)  # type: ignore[arg-type]
+        self.router = SimRouter(n, setup.block_size)
         self._perf = setup.rebalancer_perf or setup.cost.perf
         self._rebalancer = setup.rebalancer_config()
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
@@ -153,7 +145,8 @@ class Simulator:
         self._pending: list[Optional[tuple[float, int]]] = [None] * n  # instance -> (time, seq) of its step event
         self._dirty: set[int] = set(range(n))
         self._link_free = [0.0] * n  # when each instance's outgoing copy link is free
-        self._view_changed = True
+        self._view_changed = True  # since the last migration plan
+        self._router_stale = False  # since the last view sent to the router
         self._orders: list[MigrationOrder] = []
         self.records: dict[str, RequestRecord] = {}
         self._unresolved = 0
@@ -202,7 +195,6 @@ class Simulator:
             self._reject(record, RequestTooLongError.__name__)
             return
         home = self.router.dispatch(request)
-        self._outbox.sent.clear()  # the copy it sent: we deliver the original (prompt not materialised)
         request.home = record.home = home
         self._at(self.now + self.cost.inter_node_latency_s, self._deliver, home, AddRequest(request))
 
@@ -285,14 +277,15 @@ class Simulator:
         self._wake(home)
 
     # ------------------------------------------------------------------ gManager
-    def _router_view(self) -> dict[int, tuple[int, int]]:
-        """GManagerService.free_blocks: instance -> (free blocks, requests) as last reported."""
-        view = {}
-        for i in range(self.setup.num_instances):
-            beat = self.gmanager.status(i)
-            if beat is not None:
-                view[i] = (beat.num_free, beat.load.batch_size + beat.load.num_waiting)
-        return view
+    def _view_tick(self) -> None:
+        """GManagerService sends the router its view on a period (when it changed, here)."""
+        if self._router_stale:
+            statuses = {i: s.status() for i in range(self.setup.num_instances)
+                        if (s := self.gmanager.status(i)) is not None}
+            self._at(self.now + self.cost.inter_node_latency_s, self.router.update_view, statuses)
+            self._router_stale = False
+        if self._unresolved:
+            self._at(self.now + self.setup.view_interval_s, self._view_tick)
 
     def _heartbeat_tick(self) -> None:
         for i in sorted(self._dirty):
@@ -305,7 +298,7 @@ class Simulator:
 
     def _gm_receive(self, beat: Heartbeat) -> None:
         self.gmanager.heartbeat(beat, self.now)
-        self._view_changed = True
+        self._view_changed = self._router_stale = True
 
     def _rebalance_tick(self) -> None:
         # Like GManagerService: plan every interval and send the orders. An unchanged view gives
@@ -339,6 +332,7 @@ class Simulator:
             self._at(item.arrival_time_s, self._arrival, item)
         self._unresolved = len(ordered)
         self._at(first, self._heartbeat_tick)
+        self._at(first, self._view_tick)
         if self.setup.placement == "infinite" and self.setup.num_instances > 1:
             self._at(first + self.setup.rebalance_interval_s, self._rebalance_tick)
         self._loop()

@@ -121,12 +121,10 @@ class Node:
         self.scheduler: Optional[Scheduler] = None
         self.migrations: Optional[HomeMigrations] = None
         self.data: dict[int, Any] = {}  # block id -> content label (what its KV "is")
-        self._copy_tags: dict[tuple[int, int], int] = {}  # (home, block) -> tag of the last copy written
         self.epochs: dict[str, int] = {}  # request -> how often its KV was (re)started here
         self.computed: dict[str, int] = {}  # request -> tokens written so far (direct-KV tests)
         self._tags = itertools.count()
         self._replies: dict[int, m.BorrowReply] = {}
-        self.borrow_calls: list[tuple[int, str, int, Optional[list[int]]]] = []
         self.refuse_to: set[int] = set()  # borrowers this node refuses whatever it has (test hook)
         self.heartbeat_seq = itertools.count(1)
         self._reported: dict[str, m.RequestPlacement] = {}
@@ -153,10 +151,10 @@ class Node:
             payload = self.data.get(msg.src_block)
             self.net.send(self.id, msg.dst, m.BlockData(msg.tag, msg.home, msg.request_id, msg.dst_block, payload))
         elif isinstance(msg, m.BlockData):
-            ok = self.may_write_copy(msg)
+            # InstanceEngine._on_block_data: only the copy the block was reserved for may write it.
+            ok = self.rm.accepts_copy(msg.request_id, msg.dst_block, msg.tag)
             if ok:
                 self.data[msg.dst_block] = msg.payload
-                self._copy_tags[(msg.home, msg.dst_block)] = msg.tag
             self.net.send(self.id, msg.home, m.CopyDone(msg.tag, msg.request_id, ok))
         elif isinstance(msg, m.CopyDone):
             assert self.migrations is not None
@@ -164,32 +162,14 @@ class Node:
         else:
             raise TypeError(f"node {self.id}: unexpected message {msg!r}")
 
-    def may_write_copy(self, msg: m.BlockData) -> bool:
-        """The target's guard before it writes a copied block.
-
-        "holds" is InstanceEngine._on_block_data's: the block is allocated here for the request.
-        "reserved" also requires that it is still an unplaced reservation (not a live block of
-        the request: after a preemption the id may be in use again) and that no newer copy from
-        the same home (tags increase per home) has written it already."""
-        if not self.rm.holds(msg.request_id, msg.dst_block):
-            return False
-        if self.cluster.copy_guard == "holds":
-            return True
-        if msg.home == self.id:
-            reserved = BlockRef(self.id, msg.dst_block) in self.kv.reservations(msg.request_id)
-        else:
-            reserved = msg.dst_block not in {b for _, b in self.rm.guest_blocks(msg.request_id)}
-        return reserved and msg.tag > self._copy_tags.get((msg.home, msg.dst_block), -1)
-
     # ------------------------------------------------------------------ PeerLink
     def creditors(self, num_blocks: int) -> list[tuple[int, int]]:
         return self.cluster.gm.candidate_creditors(self.id, num_blocks, self.cluster.now)
 
-    def borrow(self, creditor_id: int, request_id: str, num_blocks: int,
-               indices: Optional[list[int]]) -> Optional[list[int]]:
-        self.borrow_calls.append((creditor_id, request_id, num_blocks, None if indices is None else list(indices)))
+    def borrow(self, creditor_id: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
+               copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
         tag = next(self._tags)
-        self.net.send(self.id, creditor_id, m.BorrowRequest(tag, self.id, request_id, num_blocks, indices))
+        self.net.send(self.id, creditor_id, m.BorrowRequest(tag, self.id, request_id, num_blocks, indices, copy_tags))
         self.net.deliver_until(lambda: tag in self._replies)
         return self._replies.pop(tag).blocks
 
@@ -278,11 +258,7 @@ class Cluster:
     def __init__(self, num_instances: int, num_blocks: int | list[int] = 8, block_size: int = 4,
                  placement: str = "infinite", lend_fraction: float = 1.0, seed: int = 0,
                  lend_caps: Optional[list[int]] = None, scheduler: Optional[SchedulerConfig] = None,
-                 migration_tokens_per_step: Optional[int] = None, max_context: Optional[int] = None,
-                 copy_guard: str = "holds") -> None:
-        if copy_guard not in ("holds", "reserved"):
-            raise ValueError(f"unknown copy guard {copy_guard!r}")
-        self.copy_guard = copy_guard
+                 migration_tokens_per_step: Optional[int] = None, max_context: Optional[int] = None) -> None:
         self.num_instances = num_instances
         self.block_size = block_size
         self.placement = placement

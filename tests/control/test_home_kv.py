@@ -167,8 +167,8 @@ def test_free_releases_everywhere():
 def test_free_of_a_request_with_reservations_releases_them_too():
     c = Cluster(3, num_blocks=8, block_size=BS)
     assert c[0].kv.allocate("a", 3 * BS)
-    assert c[0].kv.reserve("a", 1, 2) == refs((1, 0), (1, 1))
-    assert c[0].kv.reserve("a", 0, 1) == refs((0, 3))
+    assert c[0].kv.reserve("a", 1, [0, 1]) == refs((1, 0), (1, 1))
+    assert c[0].kv.reserve("a", 0, [2]) == refs((0, 3))
     c.check()
     c[0].kv.free("a")
     c.check()
@@ -231,7 +231,7 @@ def test_commit_move_from_home_to_creditor():
     c = Cluster(3, num_blocks=4, block_size=BS)
     _split_request(c)
     old = c.table(0, "a")[1]
-    (dst,) = c[0].kv.reserve("a", 1, 1)
+    (dst,) = c[0].kv.reserve("a", 1, [0])
     assert dst == BlockRef(1, 2) and c[0].kv.reservations("a") == [dst]
     c.check()  # a reservation is held for the request but has no table position yet
     assert c[0].kv.commit_move("a", 1, dst) == old
@@ -249,7 +249,7 @@ def test_commit_move_from_creditor_to_home():
     _split_request(c)
     c[0].kv.free("pad")  # room at home again
     old = c.table(0, "a")[4]
-    (dst,) = c[0].kv.reserve("a", 0, 1)
+    (dst,) = c[0].kv.reserve("a", 0, [0])
     assert dst.instance == 0
     assert c[0].kv.commit_move("a", 4, dst) == old
     assert c[0].kv.holders("a") == {0: 5, 1: 1}
@@ -264,7 +264,7 @@ def test_commit_move_from_creditor_to_a_third_instance():
     c = Cluster(3, num_blocks=4, block_size=BS)
     _split_request(c)
     old = c.table(0, "a")[5]
-    (dst,) = c[0].kv.reserve("a", 2, 1)
+    (dst,) = c[0].kv.reserve("a", 2, [0])
     assert dst.instance == 2 and c[2].rm.guest_blocks("a") == []
     c.check()
     assert c[0].kv.commit_move("a", 5, dst) == old
@@ -283,17 +283,17 @@ def test_cancel_reservation_and_move_errors():
     c = Cluster(2, num_blocks=8, block_size=BS)
     assert c[0].kv.allocate("a", 2 * BS)
     with pytest.raises(ValueError, match="unknown request"):
-        c[0].kv.reserve("b", 1, 1)
-    got = c[0].kv.reserve("a", 1, 2)
+        c[0].kv.reserve("b", 1, [0])
+    got = c[0].kv.reserve("a", 1, [0, 1])
     with pytest.raises(ValueError, match="not a reservation"):
         c[0].kv.commit_move("a", 0, BlockRef(1, 7))
     c[0].kv.cancel_reservation("a", got)
     assert c[0].kv.reservations("a") == []
     c.check()
     assert c.used_blocks() == [2, 0]
-    assert c[0].kv.reserve("a", 1, 9) is None  # refused: nothing reserved
+    assert c[0].kv.reserve("a", 1, list(range(9))) is None  # refused: nothing reserved
     assert c[0].kv.reservations("a") == []
     static = Cluster(2, num_blocks=8, block_size=BS, placement="static")
     static[0].kv.allocate("a", 1)
     with pytest.raises(ValueError, match="static"):
-        static[0].kv.reserve("a", 1, 1)
+        static[0].kv.reserve("a", 1, [0])

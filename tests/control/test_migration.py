@@ -284,11 +284,12 @@ def test_moves_between_any_two_holders(src, dst, expected):
 
 
 # --------------------------------------------------------------------------- the copy guard
-def _late_copy_lands_on_a_reused_block(guard):
+def test_a_late_copy_never_overwrites_a_reused_block():
     """A copy from creditor 2 to instance 1 is in flight (its BlockData late) when the request is
     preempted; re-admitted, it borrows from instance 1 and gets the same block id for a live
-    position, whose KV it writes. Then the stale BlockData arrives."""
-    c = Cluster(3, num_blocks=[4, 6, 8], block_size=BS, migration_tokens_per_step=1 * BS, copy_guard=guard)
+    position, whose KV it writes. Then the stale BlockData arrives: the target refuses it, since
+    the block is no longer reserved for that copy."""
+    c = Cluster(3, num_blocks=[4, 6, 8], block_size=BS, migration_tokens_per_step=1 * BS)
     r = admit(c, 0, "r", 6 * BS)
     assert instances(c, 0, "r") == [0, 0, 0, 0, 2, 2]
     mig = c[0].migrations
@@ -304,16 +305,35 @@ def _late_copy_lands_on_a_reused_block(guard):
     assert c.table(0, "r")[4] == BlockRef(1, 0)  # the late copy's target, now a live block
     c.net.hold = None
     c.drain()
+    assert copy_messages(c, m.CopyDone)[-1].ok is False
     c.check()
     c.check_data({"r": r.num_computed_tokens})
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "InstanceEngine._on_block_data writes a copy into any block the target holds for the request; "
-    "after a preemption the id may be a live block again, and a late copy overwrites its KV"))
-def test_a_late_copy_must_not_overwrite_a_reused_block_with_the_engines_guard():
-    _late_copy_lands_on_a_reused_block("holds")
-
-
-def test_a_late_copy_is_rejected_when_the_target_checks_its_reservation():
-    _late_copy_lands_on_a_reused_block("reserved")
+def test_a_late_copy_never_fills_a_new_reservation_of_the_same_block():
+    """Same, but the block is reserved again by a newer copy of another position, from another
+    source: only the newer copy may fill it, whichever BlockData arrives last."""
+    c = Cluster(3, num_blocks=[5, 6, 8], block_size=BS, migration_tokens_per_step=1 * BS)
+    assert c[0].kv.allocate("pad", 1)
+    r = admit(c, 0, "r", 6 * BS)  # positions 0-3 at home, 4-5 on instance 2
+    c[0].kv.free("pad")
+    assert instances(c, 0, "r") == [0, 0, 0, 0, 2, 2]
+    mig = c[0].migrations
+    mig.add_order(MigrationOrder("r", 2, 1, 1))  # position 5: instance 2 -> instance 1
+    step(c, 0, {"r": r})
+    c.net.hold = lambda src, dst, msg: src == 2 and isinstance(msg, m.BlockData)
+    c.drain()
+    c[0].kv.free("r")
+    c.drain()
+    step(c, 0, {})
+    r = admit(c, 0, "r", 5 * BS, computed=3 * BS + 1)  # all at home this time
+    mig.add_order(MigrationOrder("r", 0, 1, 1))  # position 2: home -> instance 1
+    step(c, 0, {"r": r})
+    assert [(cp.index, cp.dst) for cp in mig.in_flight.values()] == [(2, BlockRef(1, 0))]
+    c.drain()  # the new copy lands first
+    c.net.hold = None
+    c.drain()  # then the stale one, which is refused
+    assert step(c, 0, {"r": r}) == (1, 0)
+    c.drain()
+    c.check()
+    c.check_data({"r": r.num_computed_tokens})

@@ -147,6 +147,31 @@ def test_attach_validation():
     assert rm.guest_blocks("b") == [(0, 3)]
 
 
+def test_only_the_copy_a_block_was_reserved_for_may_write_it():
+    rm = RManager(1, num_blocks=8, lend_cap=8)
+    assert rm.reserve(0, "a", 2, copy_tags=[10, 11]) == refs(1, [0, 1])
+    assert rm.accepts_copy("a", 0, 10) and rm.accepts_copy("a", 1, 11)
+    assert not rm.accepts_copy("a", 0, 11)  # another copy's block
+    assert not rm.accepts_copy("b", 0, 10)  # another request
+    assert not rm.accepts_copy("a", 2, 10)  # not allocated
+    rm.lend(0, "a", 1, indices=[0])  # block 2: a live block, never a copy target
+    assert not rm.accepts_copy("a", 2, 10)
+    rm.attach("a", 5, 0)  # committed: the block is live now
+    assert not rm.accepts_copy("a", 0, 10)
+    # Freed and reserved again for a newer copy: the old copy's tag no longer fits.
+    rm.release("a", [BlockRef(1, 1)])
+    assert not rm.accepts_copy("a", 1, 11)
+    assert rm.reserve(0, "a", 1, copy_tags=[12]) == refs(1, [1])
+    assert not rm.accepts_copy("a", 1, 11) and rm.accepts_copy("a", 1, 12)
+    # A block moving back home is reserved locally, with its copy's tag as well.
+    assert rm.reserve(1, "own", 1, copy_tags=[3]) == refs(1, [3])
+    assert rm.accepts_copy("own", 3, 3) and rm.num_lent == 3
+    with pytest.raises(ValueError, match="copy tags"):
+        rm.reserve(0, "a", 2, copy_tags=[1])
+    assert rm.num_free == 4
+    assert rm.reserve(0, "a", 9, copy_tags=list(range(9))) is None
+
+
 def test_holds_covers_own_lent_and_reserved_blocks():
     rm = RManager(1, num_blocks=8, lend_cap=8)
     rm.allocate_local("own", 1)  # 0
@@ -242,8 +267,9 @@ def test_creditor_borrow_grants_with_positions_or_reserves():
     reply = creditor.on_borrow(rm, BorrowRequest(tag=7, borrower=0, request_id="a", num_blocks=2, indices=[5, 6]))
     assert (reply.tag, reply.creditor, reply.request_id, reply.blocks) == (7, 1, "a", [0, 1])
     assert rm.guest_blocks("a") == [(5, 0), (6, 1)]
-    reply = creditor.on_borrow(rm, BorrowRequest(tag=8, borrower=0, request_id="a", num_blocks=1))
+    reply = creditor.on_borrow(rm, BorrowRequest(tag=8, borrower=0, request_id="a", num_blocks=1, copy_tags=[3]))
     assert reply.blocks == [2] and rm.guest_blocks("a") == [(5, 0), (6, 1)]  # a reservation
+    assert rm.accepts_copy("a", 2, 3) and not rm.accepts_copy("a", 0, 3)
     creditor.on_attach(rm, AttachBlock(borrower=0, request_id="a", index=2, block=2))
     assert rm.guest_blocks("a") == [(2, 2), (5, 0), (6, 1)]
     reply = creditor.on_borrow(rm, BorrowRequest(tag=9, borrower=2, request_id="b", num_blocks=2, indices=[0, 1]))
