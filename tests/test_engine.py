@@ -293,3 +293,30 @@ def test_a_failing_request_fails_alone(llama_checkpoint, engines, monkeypatch):
     again = llm.generate([good[0]], greedy)[0]  # still healthy
     assert again.output_token_ids == final["good0"].output_token_ids
     assert_all_free(llm)
+
+
+def test_rebalancer_moves_blocks_only_when_memory_bound(llama_checkpoint, engines):
+    """Live gManager plans: a home with requests waiting for memory gets blocks of its long
+    request moved to a peer (outputs stay exact with those copies in flight); a cluster where
+    everything fits moves nothing."""
+    long, *short = prompts(11, [80, 30, 30, 30])
+    llm = engines(llama_checkpoint, instances=2, blocks=12, rebalance_interval_s=0.05,
+                  debug_step_delay_s={0: 0.01})  # the long request lasts several plans
+    engine = llm.engine
+    engine.add_request("long", long, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), home=0)
+    short_params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for i, prompt in enumerate(short):
+        engine.add_request(f"s{i}", prompt, short_params, home=0)
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert final["long"].output_token_ids == hf_greedy(llama_checkpoint, long, 40)
+    for i, prompt in enumerate(short):
+        assert final[f"s{i}"].output_token_ids == hf_greedy(llama_checkpoint, prompt, 8)
+    assert sum(i.migrations.num_migrated_blocks for i in llm.engine.cluster.instances) > 0
+    assert_all_free(llm)
+
+    roomy = engines(llama_checkpoint, instances=2, blocks=64, rebalance_interval_s=0.05,
+                    debug_step_delay_s={0: 0.01})
+    roomy.generate(prompts(12, [80, 30, 30, 30]), SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    assert sum(i.migrations.num_migrated_blocks for i in roomy.engine.cluster.instances) == 0

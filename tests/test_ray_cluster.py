@@ -44,3 +44,16 @@ def test_ray_instances_serve_request_larger_than_one_instance(tmp_path):
             time.sleep(0.05)
     finally:
         llm.shutdown()
+
+
+def test_ray_striped_over_three_actors_matches_hf(tmp_path):
+    write_tiny_checkpoint(tmp_path, arch="llama", seed=12)
+    llm = make_llm(tmp_path, instances=3, blocks=6, batched_tokens=16, backend="ray", placement="striped")
+    try:
+        batch = prompts(13, [70, 20, 45])
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        for prompt, out in zip(batch, llm.generate(batch, params)):
+            assert out.output_token_ids == hf_greedy(tmp_path, prompt, 10)
+        assert_all_free(llm)
+    finally:
+        llm.shutdown()

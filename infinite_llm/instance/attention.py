@@ -225,6 +225,7 @@ class GuestAttention:
         self._steps: dict[int, tuple[int, _GuestStep]] = {}  # home -> (step, its layout)
         self.num_served = 0
 
+    @torch.inference_mode()
     def serve(self, query: AttnQuery) -> AttnPartial:
         try:
             layout = self._layout(query)

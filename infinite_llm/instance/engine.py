@@ -261,6 +261,7 @@ class InstanceEngine:
         with self.lock:
             creditor.on_attach(self.rm, msg)
 
+    @torch.inference_mode()
     def _on_copy_block(self, msg: m.CopyBlock) -> None:
         with self.lock:
             payload = self.cache.block_payload(msg.src_block) if self.rm.holds(msg.request_id, msg.src_block) else None
@@ -269,6 +270,7 @@ class InstanceEngine:
             return
         self.endpoint.send(msg.dst, m.BlockData(msg.tag, msg.home, msg.request_id, msg.dst_block, payload))
 
+    @torch.inference_mode()
     def _on_block_data(self, msg: m.BlockData) -> None:
         with self.lock:  # only the copy the block was reserved for may write it
             ok = self.rm.accepts_copy(msg.request_id, msg.dst_block, msg.tag)
