@@ -58,7 +58,10 @@ class HomeMigrations:
         self.num_failed_reservations = 0
 
     def add_order(self, order: MigrationOrder) -> None:
-        """A newer order for the same request replaces the older one (the gManager re-planned)."""
+        """A newer order for the same request replaces the older one (the gManager re-planned).
+        An order that moves nothing anywhere is ignored."""
+        if order.src == order.dst or order.num_blocks <= 0:
+            return
         with self._lock:
             self.orders = deque(o for o in self.orders if o.request_id != order.request_id)
             self.orders.append(order)
@@ -130,8 +133,12 @@ class HomeMigrations:
         """Forget in-flight copies whose reservation is gone (the request finished, was aborted or
         preempted since the copy started). Done before reserving anything: a freed target block
         may be reserved again for the same request, and the stale copy must not commit into it."""
+        reserved: dict[str, set[BlockRef]] = {}
         for tag, copy in list(self.in_flight.items()):
-            if copy.request_id not in running or copy.dst not in self.kv.reservations(copy.request_id):
+            rid = copy.request_id
+            if rid not in reserved:
+                reserved[rid] = set(self.kv.reservations(rid)) if rid in running else set()
+            if copy.dst not in reserved[rid]:
                 del self.in_flight[tag]
                 self.num_dropped_copies += 1
 

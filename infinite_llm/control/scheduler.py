@@ -61,7 +61,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._step_id = 0
-        self._blocked_on_memory = False  # the head of the waiting queue did not fit last step
+        # The head of the waiting queue did not fit when admission was last tried (kept while a
+        # full token budget stops admission from being tried, so the heartbeat keeps reporting it).
+        self._blocked_on_memory = False
         self.num_preemptions = 0  # cumulative, over all requests ever seen
 
     # ----------------------------------------------------------------- admission
@@ -177,7 +179,8 @@ class Scheduler:
 
         # 2. waiting requests, FIFO (no admission while anything was preempted this step:
         #    memory is short, and the preempted request is first in line anyway).
-        self._blocked_on_memory = False
+        if not self.waiting:
+            self._blocked_on_memory = False
         while (
             self.waiting
             and budget > 0
@@ -192,6 +195,7 @@ class Scheduler:
             if not self.kv.allocate(request.request_id, request.num_tokens):
                 self._blocked_on_memory = True
                 break
+            self._blocked_on_memory = False
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)

@@ -12,9 +12,10 @@ HomeMigrations when asked), and one `Network` that carries every message between
   `deliver()` / `drain()` whenever they like, which models their arbitrary lateness.
 
 Block copies follow the engine's protocol (`CopyBlock` home -> source, `BlockData` source ->
-target, `CopyDone` target -> home, the holder checking it still holds each block for the request),
-and carry a content label so tests can check that a committed copy holds the right data: a home
-"computes" tokens by writing `(request_id, epoch, table position)` into the blocks it fills.
+target, `CopyDone` target -> home; the source reads only a block it still holds for the request,
+the target writes only a block reserved for that very copy, `RManager.accepts_copy`) and carry a
+content label, so tests can check that a committed copy holds the right data: a home "computes"
+tokens by writing `(request_id, epoch, table position)` into the blocks it fills.
 
 The gManager is fed heartbeats built from the nodes (`beat()`), so its view lags the nodes
 exactly as much as a test lets it; `creditors()` answers with `candidate_creditors`.
@@ -65,12 +66,6 @@ class Network:
             raise ValueError(f"no node at address {dst!r}")
         self.queues.setdefault((src, dst), deque()).append(message)
         self.sent.append((src, dst, message))
-
-    def pending(self, of_type: Optional[type] = None) -> int:
-        return sum(1 for q in self.queues.values() for msg in q if of_type is None or isinstance(msg, of_type))
-
-    def pending_messages(self) -> list[tuple[Any, Any, Any]]:
-        return [(src, dst, msg) for (src, dst), q in self.queues.items() for msg in q]
 
     def deliver_one(self, keep: Optional[Callable[[Any, Any, Any], bool]] = None) -> bool:
         """Deliver the head of one random non-empty queue. `keep(src, dst, head)` True holds that
@@ -257,7 +252,7 @@ class Node:
 class Cluster:
     def __init__(self, num_instances: int, num_blocks: int | list[int] = 8, block_size: int = 4,
                  placement: str = "infinite", lend_fraction: float = 1.0, seed: int = 0,
-                 lend_caps: Optional[list[int]] = None, scheduler: Optional[SchedulerConfig] = None,
+                 scheduler: Optional[SchedulerConfig] = None,
                  migration_tokens_per_step: Optional[int] = None, max_context: Optional[int] = None) -> None:
         self.num_instances = num_instances
         self.block_size = block_size
@@ -270,8 +265,7 @@ class Cluster:
         sizes = num_blocks if isinstance(num_blocks, list) else [num_blocks] * num_instances
         self.nodes: list[Node] = []
         for i in range(num_instances):
-            cap = lend_caps[i] if lend_caps is not None else lend_cap_for(placement, sizes[i], lend_fraction)
-            self.nodes.append(Node(self, i, sizes[i], cap))
+            self.nodes.append(Node(self, i, sizes[i], lend_cap_for(placement, sizes[i], lend_fraction)))
         for node in self.nodes:
             if scheduler is not None:
                 cap = node.kv.max_tokens_per_request(sizes[node.id], node.rm.lend_cap)

@@ -74,6 +74,26 @@ def test_creditor_order_follows_the_gmanager_and_survives_a_stale_view():
     c.check()
 
 
+def test_mutual_borrowing():
+    """A borrows from B while B borrows from A; both free in any message order."""
+    for seed in range(20):
+        c = Cluster(2, num_blocks=8, block_size=BS, seed=seed)
+        assert c[0].kv.allocate("x", 2 * BS)
+        assert c[0].kv.allocate("a", 8 * BS)  # 6 at home, 2 from B
+        c[0].kv.free("x")  # A has room again, B does not know yet
+        assert c[1].kv.allocate("b", 8 * BS)  # 6 at home, 2 from A
+        assert c[0].kv.holders("a") == {0: 6, 1: 2} and c[1].kv.holders("b") == {1: 6, 0: 2}
+        assert set(c[0].rm.lent_ledger) == {1} and set(c[1].rm.lent_ledger) == {0}
+        c.check()
+        c.deliver(seed % 3)
+        c[seed % 2].kv.free("ab"[seed % 2])
+        assert c[1 - seed % 2].kv.allocate("ba"[seed % 2], 9 * BS)  # grows while the release is in flight
+        c.check()
+        c[1 - seed % 2].kv.free("ba"[seed % 2])
+        c.check()
+        assert c.used_blocks() == [0, 0]
+
+
 # --------------------------------------------------------------------------- all or nothing
 def test_refused_partial_borrow_gives_everything_back():
     c = Cluster(3, num_blocks=4, block_size=BS)

@@ -179,7 +179,7 @@ _op = st.tuples(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     num_instances=st.integers(2, 4),
     sizes=st.lists(st.integers(4, 12), min_size=4, max_size=4),
@@ -220,7 +220,7 @@ def test_seeded_sweep_of_long_random_runs():
 
 
 # --------------------------------------------------------------------------- with schedulers
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     num_instances=st.integers(2, 4),
     shapes=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 60), st.integers(1, 8)), min_size=2, max_size=12),

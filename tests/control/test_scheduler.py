@@ -1,4 +1,5 @@
-"""Scheduler unit tests, with the real cluster KV manager and no tensors."""
+"""Scheduler: one instance's admission, batching, chunked prefill and preemption, over its own
+HomeKV (cluster_harness: its rManager borrows from peers by message). No tensors."""
 
 from __future__ import annotations
 
@@ -9,73 +10,85 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infinite_llm.config import SchedulerConfig
-from infinite_llm.control.kv_manager import ClusterKVManager
 from infinite_llm.control.plan import SampleResult
-from infinite_llm.control.request import Request, RequestStatus
+from infinite_llm.control.request import FinishReason, RequestStatus
 from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError, Scheduler
-from infinite_llm.sampling import SamplingParams
+
+from tests.control.cluster_harness import Cluster, make_request as req
 
 
-def make(num_instances=1, blocks=16, block_size=4, placement="infinite", budget=16, max_seqs=8, max_waiting=100):
-    kv = ClusterKVManager(num_instances, blocks, block_size, placement=placement)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=max_waiting), kv)
+def make(num_instances=1, blocks=16, block_size=4, placement="infinite", budget=16, max_seqs=8, max_waiting=100,
+         threshold=None, seed=0):
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=max_waiting,
+                             long_prefill_token_threshold=threshold)
+    return Cluster(num_instances, blocks, block_size, placement, seed=seed, scheduler=config)
 
 
-def req(rid, prompt_len, max_tokens=4, t=0.0):
-    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), t, 10**9)
-
-
-def run_step(s: Scheduler, token=7):
+def run_step(s: Scheduler, token=7, now=0.0):
     out = s.schedule()
-    results = [SampleResult(w.request_id, token) for w in out.plan.seqs if w.sample]
-    s.update(out, results, now=0.0)
+    s.update(out, [SampleResult(w.request_id, token) for w in out.batch if w.sample], now=now)
     return out
 
 
+def used(c):
+    return sum(c.used_blocks())
+
+
+# --------------------------------------------------------------------------- batching
 def test_chunked_prefill_respects_budget_and_positions():
-    s = make(budget=8)
+    s = make(budget=8)[0].scheduler
     s.add_request(req("a", 20))
     starts = []
     while s.requests["a"].num_computed_tokens < 20:
         out = run_step(s)
-        (w,) = out.plan.seqs
-        assert len(w.token_ids) <= 8
+        (w,) = out.batch
+        assert len(w.token_ids) <= 8 and w.token_ids == list(range(1, 21))[w.start_pos:w.end_pos]
+        assert len(w.block_table) * 4 >= w.end_pos
         starts.append(w.start_pos)
         assert w.sample == (w.end_pos == 20)
     assert starts == [0, 8, 16]
     assert s.requests["a"].output_token_ids == [7]
+    out = run_step(s)  # then one decode token, at position 20
+    assert [(w.start_pos, w.token_ids, w.num_generated) for w in out.batch] == [(20, [7], 1)]
 
 
 def test_decode_batches_all_running_requests():
-    s = make(budget=64)
+    s = make(budget=64)[0].scheduler
     for i in range(3):
         s.add_request(req(f"r{i}", 5))
     run_step(s)  # all three prefilled in one step
     out = run_step(s)
-    assert sorted(w.request_id for w in out.plan.seqs) == ["r0", "r1", "r2"]
-    assert all(len(w.token_ids) == 1 for w in out.plan.seqs)
+    assert sorted(w.request_id for w in out.batch) == ["r0", "r1", "r2"]
+    assert all(len(w.token_ids) == 1 and w.sample for w in out.batch)
 
 
-def test_long_prefill_threshold_admits_others_and_decodes_never_stall():
-    s = make(blocks=64, budget=16)
-    s.config.long_prefill_token_threshold = 8
+def test_max_num_seqs_caps_the_batch():
+    s = make(budget=64, max_seqs=2)[0].scheduler
+    for i in range(3):
+        s.add_request(req(f"r{i}", 4))
+    out = run_step(s)
+    assert [w.request_id for w in out.batch] == ["r0", "r1"] and s.num_waiting == 1
+
+
+def test_decodes_are_not_starved_behind_a_prefill_and_long_prefill_threshold():
+    s = make(blocks=64, budget=16, threshold=8)[0].scheduler
     s.add_request(req("long", 100, max_tokens=2))
     s.add_request(req("short", 4, max_tokens=20))
     out = run_step(s)
-    assert [(w.request_id, len(w.token_ids)) for w in out.plan.seqs] == [("long", 8), ("short", 4)]
+    assert [(w.request_id, len(w.token_ids)) for w in out.batch] == [("long", 8), ("short", 4)]
     # Without the cap the older prefill would take the whole budget; it still leaves one token
     # for the decoding request behind it.
     s.config.long_prefill_token_threshold = None
     while s.requests["long"].num_computed_tokens < 100:
         out = run_step(s)
-        chunks = {w.request_id: len(w.token_ids) for w in out.plan.seqs}
+        chunks = {w.request_id: len(w.token_ids) for w in out.batch}
         assert chunks["short"] == 1
         assert chunks["long"] <= 15
     assert len(s.requests["short"].output_token_ids) >= 7
 
 
 def test_recomputing_request_is_not_treated_as_decoding():
-    s = make(budget=16)
+    c = make(budget=16)
     assert not Scheduler._is_decoding(req("fresh", 5))
     r = req("r", 5)
     r.output_token_ids = [1, 2, 3]
@@ -83,16 +96,20 @@ def test_recomputing_request_is_not_treated_as_decoding():
     assert Scheduler._is_decoding(r)
     r.num_computed_tokens = 0  # preempted: everything is recomputed in chunks
     assert not Scheduler._is_decoding(r)
-    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
-        Scheduler(SchedulerConfig(long_prefill_token_threshold=0), s.kv)
+    for bad in (dict(long_prefill_token_threshold=0), dict(max_num_seqs=0), dict(max_num_batched_tokens=0),
+                dict(max_waiting=0)):
+        with pytest.raises(ValueError):
+            Scheduler(SchedulerConfig(**bad), c[0].kv, 100)
 
 
+# --------------------------------------------------------------------------- memory
 def test_admission_takes_the_whole_prompt_so_prompts_do_not_preempt_each_other():
-    s = make(blocks=16, block_size=4, budget=8)
+    c = make(blocks=16, block_size=4, budget=8)
+    s = c[0].scheduler
     s.add_request(req("a", 40, max_tokens=4))  # 10 blocks of prompt
     s.add_request(req("b", 40, max_tokens=4))
     run_step(s)
-    assert s.kv.num_used_blocks() == 10  # all of a's prompt, though only 8 tokens are computed
+    assert used(c) == 10  # all of a's prompt, though only 8 tokens are computed
     assert [r.request_id for r in s.running] == ["a"]  # b's prompt does not fit beside it
     while s.has_unfinished():
         run_step(s)
@@ -101,90 +118,210 @@ def test_admission_takes_the_whole_prompt_so_prompts_do_not_preempt_each_other()
                 s.pop_finished(r.request_id)
     # Admitted chunk by chunk, both prompts would have filled the 16 blocks halfway and one
     # would have been preempted, its computed chunks lost.
-    assert s.num_preemptions == 0
+    assert s.num_preemptions == 0 and used(c) == 0
 
 
-def test_preemption_by_recompute_newest_first():
+def test_preemption_by_recompute_newest_first_frees_blocks():
     # 6 blocks of 4 tokens = 24 slots; three requests of 8 prompt tokens need 3x(8+4) = 36.
-    s = make(blocks=6, budget=64)
+    c = make(blocks=6, budget=64)
+    s = c[0].scheduler
     for i in range(3):
         s.add_request(req(f"r{i}", 8, max_tokens=4, t=i))
-    preempted = []
+    run_step(s)  # 8 prompt tokens each: 2 blocks each, the pool is full
+    assert used(c) == 6 and s.num_running == 3
+    out = run_step(s)  # every decode needs a third block
+    (victim,) = out.preempted
+    assert victim.request_id == "r2"  # the newest running request, never the oldest
+    assert victim.status == RequestStatus.WAITING and victim.num_computed_tokens == 0
+    assert victim.num_preemptions == 1 and s.waiting[0] is victim  # first in line again
+    assert c[0].kv.block_table("r2") == []  # its blocks went to the older requests
+    assert [len(c[0].kv.block_table(r)) for r in ("r0", "r1")] == [3, 3] and used(c) == 6
+    assert [w.request_id for w in out.batch] == ["r0", "r1"]
+    preempted = [victim.request_id]
     for _ in range(40):
         if not s.has_unfinished():
             break
         preempted += [r.request_id for r in run_step(s).preempted]
     assert not s.has_unfinished()
-    assert preempted and "r0" not in preempted  # the oldest request is never the victim
+    assert "r0" not in preempted
     for r in s.requests.values():
         assert r.output_token_ids == [7] * 4
-    assert s.kv.num_used_blocks(0) == 0
+    assert used(c) == 0
 
 
+def test_a_remote_borrow_lets_a_prompt_larger_than_its_instance_run():
+    c = make(num_instances=2, blocks=4, budget=64)
+    s = c[0].scheduler
+    s.add_request(req("big", 24, max_tokens=2))  # 6 blocks: 4 at home, 2 borrowed
+    run_step(s)
+    assert c[0].kv.holders("big") == {0: 4, 1: 2}
+    while s.has_unfinished():
+        run_step(s)
+    c.check()
+    assert c.used_blocks() == [0, 0]
+
+
+# --------------------------------------------------------------------------- admission errors
 def test_admission_errors():
-    s = make(blocks=4, block_size=4, placement="static", max_waiting=1)
-    with pytest.raises(RequestTooLongError):
+    c = make(blocks=4, block_size=4, placement="static", max_waiting=1)
+    s = c[0].scheduler
+    assert s.max_context() == 16
+    with pytest.raises(RequestTooLongError, match="static"):
         s.add_request(req("long", 15, max_tokens=4))
     with pytest.raises(ValueError):
         s.add_request(req("empty", 0))
     s.add_request(req("ok", 3))
     with pytest.raises(QueueFullError):
         s.add_request(req("ok2", 3))
-    with pytest.raises(ValueError):
-        s.add_request(req("ok", 3))  # duplicate id
+    with pytest.raises(ValueError, match="duplicate"):
+        s.add_request(req("ok", 3))
 
 
-def test_abort_frees_blocks_and_is_idempotent():
-    s = make(num_instances=2, blocks=4, budget=64)
+def test_max_context_follows_the_policy():
+    assert make(num_instances=3, blocks=4, placement="static")[0].scheduler.max_context() == 16
+    assert make(num_instances=3, blocks=4, placement="striped")[0].scheduler.max_context() == 48
+    assert make(num_instances=3, blocks=4, placement="infinite")[0].scheduler.max_context() == 48
+    r = req("r", 10, max_tokens=None)
+    s = make(num_instances=1, blocks=4)[0].scheduler
+    s.add_request(r)
+    assert r.max_total_tokens == 16 and r.max_output_tokens == 6  # capped to what fits
+
+
+# --------------------------------------------------------------------------- finishing
+def test_abort_frees_local_and_remote_blocks_and_is_idempotent():
+    c = make(num_instances=2, blocks=4, budget=64)
+    s = c[0].scheduler
     s.add_request(req("a", 20))
     run_step(s)
-    assert s.kv.num_used_blocks(0) + s.kv.num_used_blocks(1) == 5
+    assert c.used_blocks() == [4, 1]
     assert s.abort("a") is not None
     assert s.abort("a") is None
-    assert s.kv.num_used_blocks(0) + s.kv.num_used_blocks(1) == 0
     assert s.requests["a"].status == RequestStatus.FINISHED
+    assert s.requests["a"].finish_reason == FinishReason.ABORT
+    c.drain()
+    assert c.used_blocks() == [0, 0]
+    s.add_request(req("w", 4))
+    assert s.abort("w").finish_reason == FinishReason.ABORT  # a waiting request too
+    assert not s.has_unfinished()
+    c.check()
 
 
-def test_least_loaded_dispatch_spreads_homes():
-    s = make(num_instances=3, blocks=16, budget=64)
-    for i in range(3):
-        s.add_request(req(f"r{i}", 8))
+def test_stop_reasons_and_failed_samples():
+    c = make(budget=64)
+    s = c[0].scheduler
+    s.eos_token_ids = frozenset({2})
+    stop = req("stop", 4, max_tokens=10)
+    stop.sampling.stop_token_ids = [9]
+    eos = req("eos", 4, max_tokens=10)
+    eos.sampling.ignore_eos = False
+    length = req("len", 4, max_tokens=1)
+    bad = req("bad", 4)
+    for r in (stop, eos, length, bad):
+        s.add_request(r)
     out = s.schedule()
-    assert sorted(w.home for w in out.plan.seqs) == [0, 1, 2]
+    tokens = {"stop": 9, "eos": 2, "len": 5}
+    results = [SampleResult(w.request_id, tokens.get(w.request_id, 0),
+                            error="boom" if w.request_id == "bad" else None) for w in out.batch]
+    progressed = s.update(out, results, now=3.0)
+    assert {r.request_id for r in progressed} == {"stop", "eos", "len", "bad"}
+    assert stop.finish_reason == FinishReason.STOP and eos.finish_reason == FinishReason.STOP
+    assert length.finish_reason == FinishReason.LENGTH and bad.finish_reason == FinishReason.ABORT
+    assert bad.output_token_ids == [] and stop.finished_time == 3.0 and stop.first_token_time == 3.0
+    assert not s.has_unfinished() and used(c) == 0
 
 
+def test_an_abort_while_the_step_runs_is_not_undone_by_its_results():
+    s = make(budget=64)[0].scheduler
+    s.add_request(req("a", 4))
+    out = s.schedule()
+    s.abort("a")
+    assert s.update(out, [SampleResult("a", 5)], now=0.0) == []
+    assert s.requests["a"].output_token_ids == []
+    s.pop_finished("a")
+    assert "a" not in s.requests
+
+
+# --------------------------------------------------------------------------- load
+def test_load_figures():
+    c = make(blocks=8, budget=64)
+    s = c[0].scheduler
+    s.add_request(req("a", 20, max_tokens=8))  # 5 blocks
+    s.add_request(req("b", 16, max_tokens=8))  # 4 blocks: does not fit beside a
+    s.add_request(req("c", 2))
+    load = s.load()
+    assert (load.batch_size, load.num_waiting, load.waiting_tokens, load.running_tokens) == (0, 3, 38, 0)
+    assert load.num_waiting_for_memory == 0  # nothing tried yet
+    run_step(s)
+    load = s.load()
+    assert (load.batch_size, load.num_waiting, load.waiting_tokens, load.running_tokens) == (1, 2, 18, 21)
+    assert load.num_waiting_for_memory == 2  # b did not fit: everyone behind it waits for memory
+
+
+def test_preempted_requests_count_as_waiting_for_memory():
+    c = make(blocks=6, budget=64)
+    s = c[0].scheduler
+    for i in range(3):
+        s.add_request(req(f"r{i}", 8, max_tokens=4, t=i))
+    for _ in range(3):
+        run_step(s)
+    assert s.num_preemptions >= 1
+    assert s.load().num_waiting_for_memory == s.num_waiting >= 1
+
+
+# --------------------------------------------------------------------------- independence
+def test_each_instance_has_its_own_budget_and_batch():
+    c = make(num_instances=2, blocks=8, budget=8)
+    a, b = c[0].scheduler, c[1].scheduler
+    a.add_request(req("long", 40, max_tokens=2))  # 10 blocks: borrows 2 from instance 1
+    b.add_request(req("short", 4, max_tokens=3))
+    out_a = run_step(a)
+    assert [(w.request_id, len(w.token_ids)) for w in out_a.batch] == [("long", 8)]
+    assert c[0].kv.holders("long") == {0: 8, 1: 2}
+    # Instance 1 lent blocks but runs its own requests with its own full budget, whatever 0 does.
+    out_b = run_step(b)
+    assert [(w.request_id, len(w.token_ids)) for w in out_b.batch] == [("short", 4)]
+    assert all(w.request_id == "long" for w in run_step(a).batch)
+    assert b.load().batch_size == 1 and a.load().batch_size == 1
+    c.check()
+
+
+# --------------------------------------------------------------------------- random workloads
 @settings(max_examples=40, deadline=None)
 @given(
-    st.integers(1, 3),
-    st.sampled_from(["static", "striped", "infinite"]),
-    st.lists(st.tuples(st.integers(1, 30), st.integers(1, 6)), min_size=1, max_size=8),
-    st.integers(0, 2**16),
+    num_instances=st.integers(1, 3),
+    placement=st.sampled_from(["static", "striped", "infinite"]),
+    shapes=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 30), st.integers(1, 6)), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
 )
 def test_random_workloads_finish_without_leaks(num_instances, placement, shapes, seed):
-    s = make(num_instances=num_instances, blocks=10, block_size=4, placement=placement, budget=12)
+    """Each instance's scheduler stepped in a random interleaving, with random aborts: tables
+    cover every chunk, the cluster invariants hold, nobody livelocks, nothing leaks."""
+    c = make(num_instances=num_instances, blocks=10, block_size=4, placement=placement, budget=12, seed=seed)
     rng = random.Random(seed)
     accepted = []
-    for i, (prompt_len, max_tokens) in enumerate(shapes):
+    for i, (home, prompt_len, max_tokens) in enumerate(shapes):
+        request = req(f"r{i}", prompt_len, max_tokens)
         try:
-            s.add_request(req(f"r{i}", prompt_len, max_tokens))
-            accepted.append((f"r{i}", max_tokens))
+            c[home % num_instances].scheduler.add_request(request)
+            accepted.append(request)
         except RequestTooLongError:
             pass
-    for _ in range(2000):
-        if not s.has_unfinished():
+    for _ in range(3000):
+        live = [node.scheduler for node in c.nodes if node.scheduler.has_unfinished()]
+        if not live:
             break
+        s = rng.choice(live)
         if rng.random() < 0.05 and s.running:
             s.abort(rng.choice(s.running).request_id)
         out = run_step(s)
-        s.kv.check_invariants()
-        # Every scheduled chunk's table covers its tokens.
-        for w in out.plan.seqs:
+        for w in out.batch:
             assert len(w.block_table) * 4 >= w.end_pos
-    assert not s.has_unfinished(), "scheduler livelocked"
-    for i in range(num_instances):
-        assert s.kv.num_used_blocks(i) == 0
-    for rid, max_tokens in accepted:
-        r = s.requests[rid]
+        if rng.random() < 0.3:
+            c.check()
+    assert not any(node.scheduler.has_unfinished() for node in c.nodes), "a scheduler livelocked"
+    c.check()
+    assert c.used_blocks() == [0] * num_instances
+    for r in accepted:
         assert r.finish_reason is not None
-        if r.finish_reason.value == "length":
-            assert len(r.output_token_ids) == max_tokens
+        if r.finish_reason == FinishReason.LENGTH:
+            assert len(r.output_token_ids) == r.sampling.max_tokens
