@@ -104,7 +104,7 @@ def decode_run(engine: LLMEngine, args: argparse.Namespace, request_id: str) -> 
                 blocks, away = max(blocks, held), max(away, elsewhere)
             arrivals.extend([now] * (len(out.output_token_ids) - seen))
             seen = len(out.output_token_ids)
-    time.sleep(3 * engine.config.cluster.heartbeat_interval_s)  # the counters travel by heartbeat
+    time.sleep(3 * engine.config.cluster.heartbeat_interval_s + 0.1)  # the counters travel by heartbeat
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:]) if b > a]
     return DecodeRun(gaps, blocks, away, engine.stats().num_migrated_blocks)
 

@@ -15,9 +15,7 @@ where the instances share CPU cores: a straggler that sleeps frees CPU. Also pri
 instances 0 and 1 ever borrowed and the blocks migrated, which must be 0 for the comparison to
 mean isolation of compute, not of memory.
 
-Pinning: the router has no public "home" argument on `add_request`; the benchmark overrides the
-router's `choose_home` for the duration of one `add_request` (`Router.dispatch` calls it), and
-checks `router.homes` afterwards.
+Pinning: `LLMEngine.add_request(..., home=i)`.
 """
 
 from __future__ import annotations
@@ -51,16 +49,6 @@ def make_engine(args: argparse.Namespace, delay_s: float) -> LLMEngine:
     ))
 
 
-def add_pinned(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams, home: int) -> None:
-    """add_request with the home chosen here instead of by the router's load view."""
-    engine.router.choose_home = lambda request: home  # type: ignore[method-assign]
-    try:
-        engine.add_request(request_id, prompt, params)
-    finally:
-        del engine.router.choose_home  # back to the class's method
-    assert engine.router.homes[request_id] == home, "the request did not land where it was pinned"
-
-
 @dataclass
 class Round:
     fast_tokens_per_s: float  # requests on instances 0 and 1
@@ -75,7 +63,7 @@ def run_round(engine: LLMEngine, args: argparse.Namespace, tag: str, slow_work: 
         for k in range(args.per_instance):
             rid = f"{tag}-{home}-{k}"
             prompt = [3 + (7 * k + 11 * home + i) % 200 for i in range(args.prompt_len)]
-            add_pinned(engine, rid, prompt, params, home)
+            engine.add_request(rid, prompt, params, home=home)
             homes[rid] = home
     start = time.perf_counter()
     finished: dict[str, float] = {}
@@ -126,7 +114,7 @@ def main() -> None:
                 result = run_round(engine, args, f"{name.replace(' ', '')}-{rnd}", slow_work)
                 rounds[name].append(result)
                 print(f"  round {rnd} {name}: instances 0+1 {result.fast_tokens_per_s:.1f} generated tok/s")
-        time.sleep(0.3)  # the counters travel by heartbeat
+        time.sleep(0.5)  # the counters travel by heartbeat, then the gManager's view
         migrated = {name: engine.stats().num_migrated_blocks for name, engine in engines.items()}
         migrated["2 idle"] = migrated["undisturbed"]
     finally:

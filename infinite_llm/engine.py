@@ -295,6 +295,7 @@ class LLMEngine:
             per_instance.append({
                 "instance": i, "blocks_total": s.num_blocks, "blocks_used": s.num_blocks - s.num_free,
                 "blocks_free": s.num_free, "blocks_lent": s.num_lent, "blocks_borrowed": s.num_borrowed,
+                "num_steps": s.load.num_steps,
             })
         return EngineStats(
             num_running=running, num_waiting=waiting, per_instance=per_instance, num_steps=self.num_steps,

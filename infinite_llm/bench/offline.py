@@ -282,19 +282,15 @@ class _Replay:
 
 
 def _settled_stats(engine: Any) -> Any:
-    """engine.stats() once every instance has reported its final counters: the gManager's view
-    lags by up to a heartbeat period."""
-    time.sleep(3 * engine.config.cluster.heartbeat_interval_s)
+    """engine.stats() once every instance has reported its final counters: the router's view
+    lags by a heartbeat period plus the gManager's view period."""
+    time.sleep(3 * engine.config.cluster.heartbeat_interval_s + 0.1)
     return engine.stats()
 
 
-def _instance_steps(engine: Any) -> int:
-    """Batches run, all instances together (the local backend exposes its instances; elsewhere
-    the router's count of update batches stands in)."""
-    instances = getattr(engine.cluster, "instances", None)
-    if instances is None:
-        return engine.num_steps
-    return sum(i.num_steps for i in instances)
+def _instance_steps(stats: Any) -> int:
+    """Batches run, all instances together (as the last heartbeats reported them)."""
+    return sum(entry["num_steps"] for entry in stats.per_instance)
 
 
 def run_policy(
@@ -330,7 +326,7 @@ def run_policy(
             prompt_tokens=sum(len(o.prompt_token_ids) for o in completed),
             generated_tokens=sum(len(o.output_token_ids) for o in completed),
             elapsed_s=replay.end - replay.start,
-            num_steps=_instance_steps(engine),
+            num_steps=_instance_steps(stats),
             num_preemptions=stats.num_preemptions,
             migrated_blocks=stats.num_migrated_blocks,
             blocks_per_instance=blocks_total,
