@@ -166,8 +166,9 @@ def test_sigterm_lets_streams_finish_then_aborts_the_rest_and_exits_0(serve):
     assert non_stream["response"].status_code == 503
     assert non_stream["response"].json()["error"]["code"] == "shutting_down"
 
-    assert server.wait_exit(timeout + 10) == 0, server.log()
-    assert time.monotonic() - signalled < timeout + 8
+    # The exit bound is loose: interpreter teardown (torch and friends) alone can take seconds
+    # on a loaded machine. What the server controls, ending the streams, was checked above.
+    assert server.wait_exit(timeout + 30) == 0, server.log()
     assert "aborted 2 request(s)" in server.log()
     assert "KV blocks in use: 0" in server.log(), server.log()
 

@@ -4,6 +4,10 @@ Requests accept the OpenAI fields plus the vLLM-style extras `top_k`, `stop_toke
 `ignore_eos`. Unknown fields are ignored (clients such as the official SDK send more than we
 use), but fields that would change the output and that we do not implement are rejected with a
 clear message instead of being silently dropped (see `unsupported_fields`).
+
+Sampling fields are checked as OpenAI checks them (`SamplingParams.validate`): finite numbers
+only, temperature in [0, 2] (below 1e-5 it is greedy decoding), top_p in (0, 1], top_k -1 or 0
+(off) or >= 1, max_tokens >= 1, penalties in [-2, 2]. A bad value gets 400 with `param` naming it.
 """
 
 from __future__ import annotations
