@@ -365,7 +365,7 @@ class AsyncLLMEngine:
                 if not tracked.prompt_counted:
                     metrics.observe_prompt(len(output.prompt_token_ids))
                     tracked.prompt_counted = True
-                num_out = len(output.output_token_ids)
+                num_out = output.num_output_tokens
                 metrics.observe_generated(num_out - tracked.num_output_tokens_seen)
                 tracked.num_output_tokens_seen = max(num_out, tracked.num_output_tokens_seen)
                 if output.finished:

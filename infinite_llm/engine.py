@@ -18,6 +18,7 @@ from infinite_llm.control.home_kv import PLACEMENT_POLICIES, lend_cap_for
 from infinite_llm.control.messages import MigrationOrder, RequestUpdate
 from infinite_llm.control.request import FinishReason, Request
 from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError
+from infinite_llm.detokenizer import IncrementalDetokenizer
 from infinite_llm.sampling import SamplingParams
 
 __all__ = [
@@ -33,6 +34,10 @@ __all__ = [
 
 @dataclass
 class RequestOutput:
+    """One request's progress. With `output_kind="delta"` `output_token_ids` and `text` hold only
+    what is new since the previous output; otherwise everything so far. `num_output_tokens` is
+    always the total."""
+
     request_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]
@@ -44,6 +49,7 @@ class RequestOutput:
     finished_time: Optional[float] = None
     num_preemptions: int = 0
     error: Optional[str] = None  # why the request failed, when it failed on an instance
+    num_output_tokens: int = 0
 
 
 @dataclass
@@ -56,40 +62,15 @@ class EngineStats:
     num_migrated_blocks: int = 0
 
 
-class _Detokenizer:
-    """Full-text detokenization with stop-string detection for one request."""
-
-    def __init__(self, tokenizer, params: SamplingParams):
-        self.tokenizer = tokenizer
-        self.params = params
-        self.text = ""
-
-    def update(self, output_ids: list[int]) -> Optional[str]:
-        """Refresh the text; return the matched stop string if one appeared."""
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        # Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-        while text.endswith("\ufffd"):
-            text = text[:-1]
-        # Only the newly added tail (plus room for a straddling stop string) needs scanning.
-        scan_from = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0))
-        self.text = text
-        for stop in self.params.stop:
-            at = text.find(stop, scan_from)
-            if at != -1:
-                end = at + len(stop) if self.params.include_stop_str_in_output else at
-                self.text = text[:end]
-                return stop
-        return None
-
-
 @dataclass
 class _Tracked:
     """The router side's record of one request: what it asked for and what came back."""
 
     request: Request
-    detok: _Detokenizer
+    detok: IncrementalDetokenizer
     finished: bool = False
     error: Optional[str] = None
+    reported_tokens: int = 0  # output tokens handed out so far (for delta outputs)
 
 
 class LLMEngine:
@@ -189,7 +170,7 @@ class LLMEngine:
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             max_total_tokens=capacity,
         )
-        self._requests[request_id] = _Tracked(request, _Detokenizer(self.tokenizer, params))
+        self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params))
         self._awaiting_first_token.add(request_id)
         if home is not None and not 0 <= home < self.config.cluster.num_instances:
             raise ValueError(f"home instance {home} out of range (cluster has {self.config.cluster.num_instances})")
@@ -220,7 +201,7 @@ class LLMEngine:
             return
         self.router.abort(request_id)
         self._finish(tracked, FinishReason.ABORT)
-        self._pending_outputs.append(self._output(tracked))  # handed out by the next step()
+        self._pending_outputs.append(self._output(tracked, tracked.detok.flush()))  # handed out by step()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._pending_outputs) or bool(self._requests)
@@ -236,28 +217,33 @@ class LLMEngine:
             tracked = self._requests.get(update.request_id)
             if tracked is None or tracked.finished:
                 continue  # e.g. the update of a request finished here by a stop string
-            outputs.append(self._apply(tracked, update))
+            output = self._apply(tracked, update)
+            if output is not None:
+                outputs.append(output)
         for out in outputs:
             if out.finished:
                 self._requests.pop(out.request_id, None)
         return outputs
 
-    def _apply(self, tracked: _Tracked, update: RequestUpdate) -> RequestOutput:
+    def _apply(self, tracked: _Tracked, update: RequestUpdate) -> Optional[RequestOutput]:
         request = tracked.request
         request.output_token_ids.extend(update.new_token_ids)
         request.num_preemptions = update.num_preemptions
         request.first_token_time = request.first_token_time or update.first_token_time
         if request.output_token_ids:
             self._awaiting_first_token.discard(request.request_id)
-        stop = tracked.detok.update(request.output_token_ids)
+        delta, stop = tracked.detok.update(update.new_token_ids)
         if stop is not None:
             if not update.finished:
                 self.router.abort(request.request_id)  # frees its blocks on the home
             self._finish(tracked, FinishReason.STOP, update.finished_time)
         elif update.finished:
+            delta += tracked.detok.flush()
             reason = FinishReason(update.finish_reason) if update.finish_reason else FinishReason.ABORT
             self._finish(tracked, reason, update.finished_time, update.error)
-        return self._output(tracked)
+        if request.sampling.output_kind == "final_only" and not tracked.finished:
+            return None
+        return self._output(tracked, delta)
 
     def _finish(self, tracked: _Tracked, reason: FinishReason, when: Optional[float] = None,
                 error: Optional[str] = None) -> None:
@@ -267,13 +253,19 @@ class LLMEngine:
         tracked.request.finished_time = when or time.monotonic()
         tracked.error = error
 
-    def _output(self, tracked: _Tracked) -> RequestOutput:
+    def _output(self, tracked: _Tracked, text_delta: str) -> RequestOutput:
         request = tracked.request
+        if request.sampling.output_kind == "delta":
+            token_ids = request.output_token_ids[tracked.reported_tokens:]
+            text = text_delta
+        else:
+            token_ids, text = list(request.output_token_ids), tracked.detok.text
+        tracked.reported_tokens = len(request.output_token_ids)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=list(request.output_token_ids),
-            text=tracked.detok.text,
+            output_token_ids=token_ids,
+            text=text,
             finished=tracked.finished,
             finish_reason=request.finish_reason.value if tracked.finished and request.finish_reason else None,
             arrival_time=request.arrival_time,
@@ -281,6 +273,7 @@ class LLMEngine:
             finished_time=request.finished_time if tracked.finished else None,
             num_preemptions=request.num_preemptions,
             error=tracked.error,
+            num_output_tokens=len(request.output_token_ids),
         )
 
     def stats(self) -> EngineStats:

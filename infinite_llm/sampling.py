@@ -10,6 +10,7 @@ from typing import Any, Optional
 # (1e-40 is even a denormal), and the distribution it describes is argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 class SamplingParamError(ValueError):
@@ -46,6 +47,9 @@ class SamplingParams:
     top_k: -1 or 0 disable top-k filtering (vLLM uses -1, some clients send 0); else >= 1.
     max_tokens: >= 1, or None for "until the context is full".
     seed: an integer makes a sampled request reproducible regardless of batching or placement.
+    output_kind: what each `RequestOutput` carries, as vLLM's RequestOutputKind: "cumulative"
+    (all tokens and text so far: O(length) per step), "delta" (only what is new: O(1) per step;
+    streams use it), or "final_only" (one output, when the request finishes).
     Every number must be finite: NaN and infinities are rejected, never passed to the sampler.
     """
 
@@ -58,6 +62,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -85,6 +90,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingParamError("stop", f"stop strings must be non-empty strings, got {s!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise SamplingParamError("output_kind", f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise SamplingParamError("stop_token_ids", f"stop_token_ids must be token ids (integers >= 0), "

@@ -120,15 +120,15 @@ def _wait_first_token(engine, request_id: str, outputs: list) -> None:
 
 @pytest.mark.parametrize("direction", ["home_to_peer", "peer_to_home", "peer_to_peer"])
 def test_migration_in_flight_keeps_output_exact(llama_checkpoint, engines, direction):
-    (prompt,) = prompts(4, [60])
+    (prompt,) = prompts(4, [48])
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    # 5 blocks per instance: the 60-token prompt (8 blocks) borrows from the peers.
+    # 5 blocks per instance: the 48-token prompt (6 blocks) borrows from the peers.
     blocks = 32 if direction == "home_to_peer" else 5
     llm = engines(llama_checkpoint, instances=3, blocks=blocks, batched_tokens=64)
     engine = llm.engine
     outputs: list = []
-    if direction == "peer_to_home":  # a short request holds 2 home blocks while r is admitted
-        engine.add_request("filler", [5] * 9, SamplingParams(max_tokens=4, ignore_eos=True), home=0)
+    if direction == "peer_to_home":  # a short request holds 3 home blocks while r is admitted
+        engine.add_request("filler", [5] * 20, SamplingParams(max_tokens=4, ignore_eos=True), home=0)
         _wait_first_token(engine, "filler", outputs)
     engine.add_request("r", prompt, params, home=0)
     _wait_first_token(engine, "r", outputs)

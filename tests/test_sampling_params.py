@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinite_llm.runtime.sampler import sample_tokens
+from infinite_llm.instance.sampler import sample_tokens
 from infinite_llm.sampling import GREEDY_TEMPERATURE, SamplingParamError, SamplingParams
 
 INF, NAN = float("inf"), float("nan")

@@ -378,23 +378,14 @@ class _Choice:
 
 
 class _TextDelta:
-    """Turns cumulative output text into stream deltas.
+    """A stream's text pieces: the engine's delta outputs (its detokenizer already holds back
+    text that could still turn into a stop string), after an echoed prompt, if any."""
 
-    While a request with stop strings is unfinished, the last `max(len(stop)) - 1` characters are
-    held back: they could be the start of a stop string that the engine removes at finish, and
-    text already sent cannot be taken back.
-    """
-
-    def __init__(self, stop: Sequence[str], prefix: str = "") -> None:
-        self.hold = max((len(s) for s in stop), default=1) - 1
+    def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
-        self.sent = 0
 
     def update(self, output: RequestOutput) -> str:
-        text = output.text
-        limit = len(text) if output.finished else len(text) - self.hold
-        delta = text[self.sent:limit] if limit > self.sent else ""
-        self.sent = max(self.sent, limit)
+        delta = output.text
         if self.prefix:
             delta, self.prefix = self.prefix + delta, ""
         return delta
@@ -434,12 +425,16 @@ def _normalize_prompts(prompt: Any) -> list[Union[str, list[int]]]:
     return prompts
 
 
-def _make_params(n: int, make_params: Callable[[int], SamplingParams]) -> list[SamplingParams]:
-    """The sampling params of choices 0..n-1 of each prompt, validated before any tokenizing."""
+def _make_params(n: int, make_params: Callable[[int], SamplingParams], stream: bool) -> list[SamplingParams]:
+    """The sampling params of choices 0..n-1 of each prompt, validated before any tokenizing.
+    A stream takes delta outputs (O(1) work per token), a plain response only the final one."""
     try:
-        return [make_params(j) for j in range(n)]
+        params = [make_params(j) for j in range(n)]
     except ValueError as exc:  # SamplingParamError names the field
         raise APIError(400, str(exc), param=getattr(exc, "param", None)) from exc
+    for p in params:
+        p.output_kind = "delta" if stream else "final_only"
+    return params
 
 
 def _plan_choices(base_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> list[_Choice]:
@@ -563,7 +558,7 @@ def _usage(choices: list[_Choice], outputs: dict[int, RequestOutput]) -> UsageIn
         if c.prompt_index not in seen_prompts:
             seen_prompts.add(c.prompt_index)
             prompt_tokens += len(out.prompt_token_ids)
-        completion_tokens += len(out.output_token_ids)
+        completion_tokens += out.num_output_tokens
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
@@ -628,7 +623,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     _check_supported(body.unsupported_fields())
     prompts = _normalize_prompts(body.prompt)
     _check_n(body.n, len(prompts))
-    params = _make_params(body.n, body.to_sampling_params)
+    params = _make_params(body.n, body.to_sampling_params, body.stream)
     base_id = f"cmpl-{uuid.uuid4().hex}"
     choices = _plan_choices(base_id, await _tokenize_prompts(state.workers, engine, prompts), params)
     echo = [""] * len(prompts)
@@ -668,7 +663,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if not body.messages:
         raise APIError(400, "messages must contain at least one message", param="messages")
     _check_n(body.n, 1)
-    params = _make_params(body.n, body.to_sampling_params)
+    params = _make_params(body.n, body.to_sampling_params, body.stream)
     try:
         messages = [{"role": m.role, "content": m.text_content()} for m in body.messages]
         prompt_ids = await state.workers.run(_encode_chat, engine.tokenizer, messages)
@@ -865,7 +860,7 @@ def _completion_events(
         finish_reason = output.finish_reason if output.finished else None
         return [chunk([CompletionChoice(index=c.index, text=text, finish_reason=finish_reason)])]
 
-    deltas = [_TextDelta(c.params.stop, echo_text[c.prompt_index]) for c in choices]
+    deltas = [_TextDelta(echo_text[c.prompt_index]) for c in choices]
     return _sse_stream(choices, streams, deltas, include_usage, chunk, chunks_for)
 
 
@@ -896,7 +891,7 @@ def _chat_events(
     # The role comes first, once per choice.
     opening = [chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
                for c in choices]
-    deltas = [_TextDelta(c.params.stop) for c in choices]
+    deltas = [_TextDelta() for c in choices]
     return _sse_stream(choices, streams, deltas, include_usage, chunk, chunks_for, opening)
 
 

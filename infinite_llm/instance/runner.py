@@ -10,7 +10,7 @@ from infinite_llm.config import ModelConfig
 from infinite_llm.control.plan import SampleResult, SeqWork
 from infinite_llm.instance.attention import PartialMailbox, StepAttention, build_step_layout
 from infinite_llm.instance.kv_cache import PagedKVCache
-from infinite_llm.runtime.sampler import sample_tokens
+from infinite_llm.instance.sampler import sample_tokens
 
 
 class ModelRunner:

@@ -4,16 +4,17 @@ Default: 32 x A100-80GB serving LLaMA2-7B, the paper-scale "mixed" trace (short 
 1K-60K tokens, 20% long ones of 60K-2000K), 200 requests at 16 req/s -- a rate that saturates the
 cluster, so throughput measures capacity rather than the arrival rate. Every policy replays:
 
-1. the full trace (static rejects what does not fit one instance);
-2. the requests of the trace static can serve (same work for every policy: the like-for-like
-   throughput comparison);
-3. a probe: one request with a `--probe-context`-token context (default 2000K) on an empty cluster;
-4. with `--sweep 8,32,256`, step 2 on clusters of those sizes, with the request count and rate
+1. the full trace (static rejects what does not fit one instance); the requests static can
+   serve are also measured inside it (infinite must not starve them to serve the long ones);
+2. common work: the requests of the trace static can serve, alone (same work for every policy);
+3. a probe: one `--probe-context`-token context on an empty cluster (its decode speed);
+4. bytes: one request at each `--bytes-contexts` length, attention bytes per decode step;
+5. with `--sweep 8,32,256`, step 2 on clusters of those sizes, with the request count and rate
    scaled in proportion to the cluster (same load per instance).
 
-Results are printed as tables, written as JSON (`--output-dir`, default results/sim) and
-plotted (PNG). `--quick` runs 50 requests on 8 instances (the same load per instance) and
-finishes in well under 30 s.
+Results are printed as tables with the issue's targets, written as JSON (`--output-dir`,
+default results/sim) and plotted (PNG). `--quick` runs 50 requests on 8 instances (the same
+load per instance) with a shorter probe, in seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.perf_model import HARDWARE_PRESETS, MODEL_PRESETS
 from infinite_llm.sim import report
 from infinite_llm.sim.cluster import SimClusterSpec
-from infinite_llm.sim.simulator import SimResult, SimSetup, simulate
+from infinite_llm.sim.results import SimResult
+from infinite_llm.sim.simulator import SimSetup, simulate
 
 POLICIES = ("static", "striped", "infinite")
 DEFAULT_OUTPUT_DIR = "results/sim"
@@ -41,8 +43,11 @@ QUICK_NUM_REQUESTS = 50
 QUICK_INSTANCES = 8
 DEFAULT_REQUEST_RATE = 16.0
 DEFAULT_PROBE_CONTEXT = 2_000_000
+QUICK_PROBE_CONTEXT = 500_000  # 2M tokens do not fit 8 instances
+DEFAULT_BYTES_CONTEXTS = (10_000, 1_000_000)
+QUICK_BYTES_CONTEXTS = (10_000, 300_000)
 PROBE_OUTPUT_TOKENS = 64
-
+BYTES_OUTPUT_TOKENS = 16
 
 _policy_list = comma_separated_subset(POLICIES, reject_repeats=True)
 
@@ -58,21 +63,26 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-utilization", type=float, default=0.9,
                    help="share of HBM for weights + KV; the rest is the activation reserve")
     g.add_argument("--lend-fraction", type=float, default=0.9, help="share of its blocks an instance may lend")
-    s = parser.add_argument_group("scheduling")
-    s.add_argument("--max-seqs-per-instance", type=int, default=64,
-                   help="max_num_seqs of the (cluster-wide) scheduler is this times --instances")
-    s.add_argument("--max-batched-tokens-per-instance", type=int, default=512,
-                   help="the scheduler's per-step token budget is this times --instances")
-    s.add_argument("--migration-tokens-per-step", type=int, default=1024)
-    s.add_argument("--rebalance-interval", type=int, default=8, help="steps between rebalancing rounds")
+    s = parser.add_argument_group("scheduling (every instance has its own scheduler)")
+    s.add_argument("--max-seqs-per-instance", type=int, default=64, help="an instance's max_num_seqs")
+    s.add_argument("--max-batched-tokens-per-instance", type=int, default=2048,
+                   help="an instance's per-step token budget (and largest prefill chunk)")
+    s.add_argument("--migration-tokens-per-step", type=int, default=1024,
+                   help="KV a home copies per step at most while migrating")
+    s.add_argument("--heartbeat-interval-s", type=float, default=0.1)
+    s.add_argument("--rebalance-interval-s", type=float, default=0.5, help="seconds between rebalancing rounds")
     w = parser.add_argument_group("workload")
     w.add_argument("--workload", choices=("short", "long", "mixed"), default="mixed")
     w.add_argument("--num-requests", type=int, default=None,
                    help=f"requests in the trace (default {DEFAULT_NUM_REQUESTS}, {QUICK_NUM_REQUESTS} with --quick)")
     w.add_argument("--request-rate", type=float, default=DEFAULT_REQUEST_RATE, help="mean arrivals/s (Poisson)")
     w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--probe-context", type=int, default=DEFAULT_PROBE_CONTEXT,
-                   help="context length (prompt + output) of the single long-request probe; 0 skips it")
+    w.add_argument("--probe-context", type=int, default=None,
+                   help=f"context (prompt + output) of the lone-request probe (default {DEFAULT_PROBE_CONTEXT:,}, "
+                        f"{QUICK_PROBE_CONTEXT:,} with --quick); 0 skips it")
+    w.add_argument("--bytes-contexts", type=positive_int_list, default=None,
+                   help="contexts whose attention bytes per decode step are compared "
+                        f"(default {','.join(map(str, DEFAULT_BYTES_CONTEXTS))})")
     r = parser.add_argument_group("run")
     r.add_argument("--policies", type=_policy_list, default=list(POLICIES))
     r.add_argument("--sweep", type=positive_int_list, default=None, help="cluster sizes to sweep, e.g. 8,32,256")
@@ -94,46 +104,41 @@ def fits_one_instance(trace: Sequence[TraceRequest], spec: SimClusterSpec) -> li
     return [r for r in trace if r.prompt_len + r.output_len <= capacity]
 
 
-def scheduler_config(spec: SimClusterSpec, max_seqs_per_instance: int, max_batched_tokens_per_instance: int,
-                     num_requests: int) -> SchedulerConfig:
-    if max_seqs_per_instance < 1 or max_batched_tokens_per_instance < 1:
+def scheduler_config(max_seqs: int, max_batched_tokens: int, num_requests: int) -> SchedulerConfig:
+    if max_seqs < 1 or max_batched_tokens < 1:
         raise ValueError("--max-seqs-per-instance and --max-batched-tokens-per-instance must be >= 1")
-    return SchedulerConfig(
-        max_num_seqs=max_seqs_per_instance * spec.num_instances,
-        max_num_batched_tokens=max_batched_tokens_per_instance * spec.num_instances,
-        # One request's prefill chunk is capped at an instance's share of the budget: the
-        # cluster steps in lockstep, so a chunk of the whole cluster's budget on one instance
-        # would make every other instance wait for it.
-        long_prefill_token_threshold=max_batched_tokens_per_instance,
-        # Big enough that no request of the trace is turned away for a full queue.
-        max_waiting=max(1024, num_requests),
-    )
+    # Big enough that no request of the trace is turned away for a full queue.
+    return SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched_tokens,
+                           long_prefill_token_threshold=max_batched_tokens, max_waiting=max(1024, num_requests))
 
 
 def run_policies(spec: SimClusterSpec, trace: Sequence[TraceRequest], sched: SchedulerConfig,
-                 policies: Sequence[str], migration_tokens_per_step: int,
-                 rebalance_interval: int) -> dict[str, SimResult]:
+                 policies: Sequence[str], args: argparse.Namespace) -> dict[str, SimResult]:
     return {
-        policy: simulate(
-            SimSetup.for_cluster(spec, policy, sched, rebalance_interval, migration_tokens_per_step), trace
-        )
+        policy: simulate(SimSetup.for_cluster(
+            spec, policy, sched, migration_tokens_per_step=args.migration_tokens_per_step,
+            heartbeat_interval_s=args.heartbeat_interval_s, rebalance_interval_s=args.rebalance_interval_s,
+        ), trace)
         for policy in policies
     }
 
 
-def probe_trace(context: int) -> list[TraceRequest]:
-    if context <= PROBE_OUTPUT_TOKENS:
-        raise ValueError(f"--probe-context must exceed {PROBE_OUTPUT_TOKENS} tokens, got {context}")
-    return [TraceRequest(f"probe-{context}", 0.0, context - PROBE_OUTPUT_TOKENS, PROBE_OUTPUT_TOKENS)]
+def lone_request(name: str, context: int, output_tokens: int) -> list[TraceRequest]:
+    if context <= output_tokens:
+        raise ValueError(f"a {name} context must exceed {output_tokens} tokens, got {context}")
+    return [TraceRequest(f"{name}-{context}", 0.0, context - output_tokens, output_tokens)]
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("instances", "tensor_parallel", "block_size", "rebalance_interval"):
+    for name in ("instances", "tensor_parallel", "block_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.migration_tokens_per_step < 0:
         raise ValueError(f"--migration-tokens-per-step must be >= 0, got {args.migration_tokens_per_step}")
-    if args.probe_context < 0:
+    for name in ("heartbeat_interval_s", "rebalance_interval_s"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.probe_context is not None and args.probe_context < 0:
         raise ValueError(f"--probe-context must be >= 0, got {args.probe_context}")
 
 
@@ -145,20 +150,34 @@ def _spec(args: argparse.Namespace, instances: int) -> SimClusterSpec:
     )
 
 
-# ---------------------------------------------------------------------------- main
-def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the simulation the arguments describe; print the report; return the JSON payload
-    (plus "json_path" and "plots")."""
-    _validate(args)
-    started = time.perf_counter()
-    num_requests = args.num_requests or (QUICK_NUM_REQUESTS if args.quick else DEFAULT_NUM_REQUESTS)
-    instances = args.instances or (QUICK_INSTANCES if args.quick else DEFAULT_INSTANCES)
-    spec = _spec(args, instances)
-    policies = list(args.policies)
-    trace = build_trace(args.workload, num_requests, args.request_rate, args.seed)
-    common_trace = fits_one_instance(trace, spec)
-    sched = scheduler_config(spec, args.max_seqs_per_instance, args.max_batched_tokens_per_instance, len(trace))
-    cluster_label = f"{spec.num_gpus} x {spec.hardware} ({spec.model})"
+# ---------------------------------------------------------------------------- experiments
+def run_bytes(spec: SimClusterSpec, sched: SchedulerConfig, policies: Sequence[str], contexts: Sequence[int],
+              args: argparse.Namespace) -> dict[str, dict[int, SimResult]]:
+    """One request per context, decoding alone: attention bytes per decode step. `static` sends
+    none (everything is local), so it is left out."""
+    runs: dict[str, dict[int, SimResult]] = {}
+    for policy in (p for p in policies if p != "static"):
+        for context in contexts:
+            trace = lone_request("bytes", context, BYTES_OUTPUT_TOKENS)
+            runs.setdefault(policy, {})[context] = run_policies(spec, trace, sched, [policy], args)[policy]
+    return runs
+
+
+def run_sweep(args: argparse.Namespace, base_instances: int, num_requests: int,
+              policies: Sequence[str]) -> dict[int, dict[str, SimResult]]:
+    sweep: dict[int, dict[str, SimResult]] = {}
+    for n in args.sweep:
+        n_spec = _spec(args, n)
+        scale = n / base_instances
+        trace = build_trace(args.workload, max(1, round(num_requests * scale)), args.request_rate * scale, args.seed)
+        common = fits_one_instance(trace, n_spec)
+        sched = scheduler_config(args.max_seqs_per_instance, args.max_batched_tokens_per_instance, len(common))
+        sweep[n] = run_policies(n_spec, common, sched, policies, args)
+    return sweep
+
+
+def _describe(spec: SimClusterSpec, args: argparse.Namespace, trace: Sequence[TraceRequest],
+              common: Sequence[TraceRequest], sched: SchedulerConfig) -> None:
     prompts = [r.prompt_len for r in trace]
     print(
         f"simulated cluster: {spec.num_instances} instances x {spec.tensor_parallel} {spec.hardware}, "
@@ -167,79 +186,115 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(
         f"workload {args.workload}: {len(trace)} requests at {args.request_rate} req/s (seed {args.seed}), "
-        f"prompts {min(prompts):,}-{max(prompts):,} tokens; {len(common_trace)} fit one instance; "
-        f"scheduler: {sched.max_num_seqs} seqs, {sched.max_num_batched_tokens} tokens per step"
+        f"prompts {min(prompts):,}-{max(prompts):,} tokens; {len(common)} fit one instance; each instance: "
+        f"{sched.max_num_seqs} seqs, {sched.max_num_batched_tokens} tokens per step; heartbeats every "
+        f"{args.heartbeat_interval_s} s, rebalancing every {args.rebalance_interval_s} s"
     )
 
-    mig, interval = args.migration_tokens_per_step, args.rebalance_interval
-    full = run_policies(spec, trace, sched, policies, mig, interval)
+
+# ---------------------------------------------------------------------------- main
+def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the simulation the arguments describe; print the report; return the JSON payload
+    (plus "json_path" and "plots")."""
+    _validate(args)
+    started = time.perf_counter()
+    num_requests = args.num_requests or (QUICK_NUM_REQUESTS if args.quick else DEFAULT_NUM_REQUESTS)
+    instances = args.instances or (QUICK_INSTANCES if args.quick else DEFAULT_INSTANCES)
+    probe_context = args.probe_context if args.probe_context is not None else (
+        QUICK_PROBE_CONTEXT if args.quick else DEFAULT_PROBE_CONTEXT)
+    bytes_contexts = args.bytes_contexts or list(QUICK_BYTES_CONTEXTS if args.quick else DEFAULT_BYTES_CONTEXTS)
+    spec = _spec(args, instances)
+    policies = list(args.policies)
+    trace = build_trace(args.workload, num_requests, args.request_rate, args.seed)
+    common_trace = fits_one_instance(trace, spec)
+    subset = [r.request_id for r in common_trace]
+    sched = scheduler_config(args.max_seqs_per_instance, args.max_batched_tokens_per_instance, len(trace))
+    _describe(spec, args, trace, common_trace, sched)
+
+    full = run_policies(spec, trace, sched, policies, args)
+    longest = report.longest_served(full) or max(trace, key=lambda r: r.prompt_len + r.output_len).request_id
     print("\n== full trace ==")
     print(report.policy_table(full))
+    print(f"\nthe {len(subset)} requests static can serve, inside the full-trace runs:")
+    print(report.subset_table(full, subset))
+    print(f"\nthe longest request infinite and striped both served ({longest}), inside the full-trace runs:")
+    print(report.decode_table(full, longest))
     common: dict[str, SimResult] = {}
     if common_trace:
-        common = run_policies(spec, common_trace, sched, policies, mig, interval)
-        print(f"\n== the {len(common_trace)} requests static can serve (same work for every policy) ==")
+        common = run_policies(spec, common_trace, sched, policies, args)
+        print(f"\n== common work: the {len(common_trace)} requests static can serve, alone ==")
         print(report.policy_table(common))
-    print("\nKV memory utilisation per instance (full trace, busy-time mean):")
+    print("\nKV memory utilisation per instance (full trace, time mean):")
     print(report.per_instance_table(full))
 
     probe: dict[str, SimResult] = {}
-    if args.probe_context:
-        probe = run_policies(spec, probe_trace(args.probe_context), sched, policies, mig, interval)
-        print(f"\n== one {args.probe_context:,}-token context on an empty cluster ==")
-        print(report.probe_table(probe, args.probe_context))
+    probe_id = None
+    if probe_context:
+        probe_trace = lone_request("probe", probe_context, PROBE_OUTPUT_TOKENS)
+        probe_id = probe_trace[0].request_id
+        probe = run_policies(spec, probe_trace, sched, policies, args)
+        print(f"\n== one {probe_context:,}-token context alone on the cluster ==")
+        print(report.decode_table(probe, probe_id))
+    bytes_runs = run_bytes(spec, sched, policies, bytes_contexts, args)
+    if bytes_runs:
+        print("\n== attention bytes per decode step of one request (queries, new K/V, partials) ==")
+        print(report.bytes_table(bytes_runs))
 
     sweep: dict[int, dict[str, SimResult]] = {}
     if args.sweep:
-        print(f"\n== scaling sweep: requests static can serve, load per instance as at {spec.num_instances} ==")
-        for n in args.sweep:
-            n_spec = _spec(args, n)
-            scale = n / spec.num_instances
-            n_trace = fits_one_instance(
-                build_trace(args.workload, max(1, round(num_requests * scale)), args.request_rate * scale, args.seed),
-                n_spec,
-            )
-            n_sched = scheduler_config(n_spec, args.max_seqs_per_instance, args.max_batched_tokens_per_instance,
-                                       len(n_trace))
-            sweep[n] = run_policies(n_spec, n_trace, n_sched, policies, mig, interval)
+        print(f"\n== scaling sweep: common work, load per instance as at {spec.num_instances} ==")
+        sweep = run_sweep(args, spec.num_instances, num_requests, policies)
         print(report.sweep_table(sweep))
 
-    claims = report.check_claims(full, common, probe, args.probe_context, cluster_label)
-    print("\n== the paper's claims, in kind ==")
-    print(report.claims_text(claims))
+    targets = report.check_targets(full, subset, common, longest, probe, probe_id, bytes_runs)
+    print("\n== targets (issue 12) ==")
+    print(report.targets_text(targets))
     print(
-        "\nmodel: roofline PerfModel from datasheet numbers; lockstep steps (max over instances); "
-        "DistAttention messages not overlapped with compute, block migrations copied in the background; "
-        "see infinite_llm/sim/executor.py"
+        "\nmodel: roofline PerfModel from datasheet numbers; every instance steps on its own clock; a home waits "
+        "per step for its own holders (latency per layer + bytes / bandwidth + their guest attention, overlapped "
+        "with its local attention); guest attention is charged to the holder; copies run in the background on "
+        "the source's link; see infinite_llm/sim/simulator.py"
     )
+    payload = _payload(args, spec, sched, trace, full, common, probe, bytes_runs, sweep, targets, probe_context)
+    payload["wall_time_s"] = time.perf_counter() - started
+    return _write(args, payload, spec, full, common, sweep, started)
 
-    out = Path(args.output_dir)
-    payload: dict[str, Any] = {
+
+def _payload(args: argparse.Namespace, spec: SimClusterSpec, sched: SchedulerConfig, trace: Sequence[TraceRequest],
+             full: dict, common: dict, probe: dict, bytes_runs: dict, sweep: dict, targets: list,
+             probe_context: int) -> dict[str, Any]:
+    return {
         "config": {
             "cluster": asdict(spec),
             "blocks_per_instance": spec.blocks_per_instance,
             "kv_tokens_per_instance": spec.blocks_per_instance * spec.block_size,
-            "scheduler": asdict(sched),
+            "scheduler_per_instance": asdict(sched),
             "workload": args.workload,
             "num_requests": len(trace),
             "request_rate": args.request_rate,
             "seed": args.seed,
-            "migration_tokens_per_step": mig,
-            "rebalance_interval_steps": interval,
-            "probe_context": args.probe_context,
+            "migration_tokens_per_step": args.migration_tokens_per_step,
+            "heartbeat_interval_s": args.heartbeat_interval_s,
+            "rebalance_interval_s": args.rebalance_interval_s,
+            "probe_context": probe_context,
             "quick": bool(args.quick),
         },
         "full_trace": {p: r.summary() for p, r in full.items()},
         "static_servable": {p: r.summary() for p, r in common.items()},
         "probe": {p: r.summary() for p, r in probe.items()},
+        "bytes_per_decode_step": {p: {str(c): r.summary() for c, r in runs.items()} for p, runs in bytes_runs.items()},
         "sweep": {str(n): {p: r.summary() for p, r in rs.items()} for n, rs in sweep.items()},
-        "claims": claims,
-        "wall_time_s": time.perf_counter() - started,
+        "targets": targets,
     }
+
+
+def _write(args: argparse.Namespace, payload: dict[str, Any], spec: SimClusterSpec, full: dict, common: dict,
+           sweep: dict, started: float) -> dict[str, Any]:
+    out = Path(args.output_dir)
     json_path = report.write_json(out / "simulate.json", payload)
     plots: list[str] = []
     if not args.no_plots:
-        title = f"{cluster_label}, {args.workload} trace"
+        title = f"{spec.num_gpus} x {spec.hardware} ({spec.model}), {args.workload} trace"
         plots.append(str(report.plot_policies(full, common, out / "simulate_policies.png", title)))
         if sweep:
             plots.append(str(report.plot_sweep(sweep, out / "simulate_sweep.png", f"{spec.hardware}, {spec.model}")))
@@ -261,4 +316,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["add_cli_args", "main_from_args", "build_trace", "fits_one_instance", "run_policies"]
+__all__ = ["add_cli_args", "build_trace", "fits_one_instance", "main", "main_from_args", "run_policies"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from infinite_llm.config import SchedulerConfig
-from infinite_llm.control.home_kv import HomeKV, lend_cap_for
+from infinite_llm.control.home_kv import lend_cap_for
 from infinite_llm.control.messages import AddRequest, Heartbeat, MigrationOrder, RequestPlacement
 from infinite_llm.control.migration import HomeMigrations
 from infinite_llm.control.plan import SampleResult, SeqWork
@@ -25,6 +25,7 @@ from infinite_llm.control.scheduler import Scheduler, SchedulerOutput
 from infinite_llm.sim.cluster import StepCostModel
 from infinite_llm.sim.layout import KVLayout
 from infinite_llm.sim.links import HomeLink, World
+from infinite_llm.sim.memo_kv import MemoHomeKV
 from infinite_llm.sim.pricing import StepPrice, price_step
 
 Inbound = Union[AddRequest, MigrationOrder]
@@ -65,16 +66,18 @@ class InstanceStats:
     last_sample_s: float = 0.0
     decode_steps: int = 0  # steps of decodes only (one token per request)
     decode_bytes: int = 0  # attention bytes those steps sent and received
+    decode_exchanges: int = 0  # (step, holder) pairs of those steps
 
 
 class SimInstance:
-    def __init__(self, rank: int, spec: InstanceSpec, world: World, max_context: Optional[int] = None) -> None:
+    def __init__(self, rank: int, spec: InstanceSpec, world: World, pool_state: Callable[[], tuple],
+                 room: Callable[[int], int], max_context: Optional[int] = None) -> None:
         self.rank = rank
         self.spec = spec
         self.lend_cap = lend_cap_for(spec.placement, spec.num_blocks, spec.lend_fraction)
         self.rm = RManager(rank, spec.num_blocks, self.lend_cap)
         self.link = HomeLink(rank, world)
-        self.kv = HomeKV(self.rm, spec.block_size, spec.placement, spec.num_instances, self.link)
+        self.kv = MemoHomeKV(self.rm, spec.block_size, spec.placement, spec.num_instances, self.link, pool_state, room)
         capacity = self.kv.max_tokens_per_request(spec.num_blocks, self.lend_cap)
         self.scheduler = Scheduler(spec.scheduler, self.kv, min(capacity, max_context or capacity))
         self.migrations = HomeMigrations(self.kv, spec.migration_tokens_per_step, self.link)
@@ -152,6 +155,7 @@ class SimInstance:
         if price.num_tokens == price.num_seqs:  # a pure decode step
             stats.decode_steps += 1
             stats.decode_bytes += price.bytes_sent
+            stats.decode_exchanges += len(price.holders)
 
     def _sample_memory(self, now: float) -> None:
         """Integrate used blocks over time (piecewise constant between this instance's events)."""

@@ -50,6 +50,16 @@ class HomeLink:
         self.num_borrows = 0
         self.num_refusals = 0
 
+    def counters(self) -> tuple[float, int, int]:
+        """(round-trip delay so far this step, borrows, refusals)."""
+        return self._delay_s, self.num_borrows, self.num_refusals
+
+    def charge(self, delay_s: float, borrows: int, refusals: int) -> None:
+        """Account for calls made on the home's behalf without sending them (see memo_kv.py)."""
+        self._delay_s += delay_s
+        self.num_borrows += borrows
+        self.num_refusals += refusals
+
     def take_delay(self) -> float:
         """Seconds of round trips the home waited for since the last call."""
         delay, self._delay_s = self._delay_s, 0.0

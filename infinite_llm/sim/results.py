@@ -35,6 +35,7 @@ class SimResult:
     attention_bytes: int  # DistAttention queries, new K/V and partials on the wire
     decode_steps: int  # steps whose batch was decodes only
     decode_bytes: int  # attention bytes of those steps
+    decode_exchanges: int  # (step, remote holder) pairs of those steps
     num_borrows: int  # borrow calls (grants + refusals)
     num_refusals: int
     mean_ttft_s: float
@@ -85,6 +86,11 @@ class SimResult:
     @property
     def decode_bytes_per_step(self) -> float:
         return self.decode_bytes / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def decode_bytes_per_holder(self) -> float:
+        """Bytes one decode step exchanges with one remote holder (both ways)."""
+        return self.decode_bytes / self.decode_exchanges if self.decode_exchanges else 0.0
 
     def summary(self) -> dict:
         """JSON-ready dict, derived throughputs included, per-request records left out."""

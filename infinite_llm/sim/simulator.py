@@ -135,7 +135,7 @@ class Simulator:
         self.gmanager = GManager(n, heartbeat_timeout_s=math.inf)  # no failures are simulated
         spec = InstanceSpec(n, setup.num_blocks_per_instance, setup.block_size, setup.placement,
                             setup.scheduler, setup.lend_fraction, setup.migration_tokens_per_step, setup.token_id)
-        self.instances = [SimInstance(i, spec, self) for i in range(n)]
+        self.instances = [SimInstance(i, spec, self, self._pool_state, self._room) for i in range(n)]
         self.rmanagers = [inst.rm for inst in self.instances]
         self.router = SimRouter(n, setup.block_size)
         self._perf = setup.rebalancer_perf or setup.cost.perf
@@ -154,12 +154,26 @@ class Simulator:
         self.now = 0.0
         self.migrated_bytes = 0
         self.control_plane_s = 0.0
+        self._heartbeats_received = 0
         self._current_seq = -1  # the event being handled
         self._ran = False
 
     # ------------------------------------------------------------------ World
     def gmanager_latency(self, instance: int) -> float:
         return self.cost.inter_node_latency_s
+
+    def _pool_state(self) -> tuple:
+        """What decides whether an allocation succeeds: every pool's free and lent counts and the
+        gManager's view (which creditors it names)."""
+        return (self._heartbeats_received, tuple([(rm.num_free, rm.num_lent) for rm in self.rmanagers]))
+
+    def _room(self, home: int) -> int:
+        """The most blocks an allocation of `home` could get now: its own free blocks and what
+        every other instance could lend (none under static)."""
+        room = self.rmanagers[home].num_free
+        if self.setup.placement != "static":
+            room += sum(rm.lendable for rm in self.rmanagers if rm.instance_id != home)
+        return room
 
     def touched(self, instance: int) -> None:
         self._dirty.add(instance)
@@ -298,6 +312,7 @@ class Simulator:
 
     def _gm_receive(self, beat: Heartbeat) -> None:
         self.gmanager.heartbeat(beat, self.now)
+        self._heartbeats_received += 1
         self._view_changed = self._router_stale = True
 
     def _rebalance_tick(self) -> None:
@@ -383,6 +398,7 @@ def build_result(sim: Simulator, trace: Sequence[TraceRequest], first: float, wa
         migrated_blocks=sum(inst.migrations.num_migrated_blocks for inst in sim.instances),
         migrated_bytes=sim.migrated_bytes, attention_bytes=sum(s.attention_bytes for s in stats),
         decode_steps=sum(s.decode_steps for s in stats), decode_bytes=sum(s.decode_bytes for s in stats),
+        decode_exchanges=sum(s.decode_exchanges for s in stats),
         num_borrows=sum(link.num_borrows for link in links), num_refusals=sum(link.num_refusals for link in links),
         mean_ttft_s=mean([r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]),
         mean_latency_s=mean([r.finished_s - r.arrival_s for r in done]),  # type: ignore[operator]
