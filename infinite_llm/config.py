@@ -109,6 +109,11 @@ class SchedulerConfig:
     # Largest prefill chunk one request may take per step (None: the whole budget). Lower it so
     # that several prompts prefill side by side instead of one long prompt taking every step.
     long_prefill_token_threshold: Optional[int] = None
+    # A step carrying a running prompt's chunk may take this many times a decode-only step
+    # (measured) while others decode or wait, or `lone_prefill_slowdown` times when the prompt
+    # runs alone; chunks are sized to fit (control/pacer.py).
+    prefill_slowdown: float = 2.0
+    lone_prefill_slowdown: float = 4.0
     max_waiting: int = 1024  # bounded waiting queue (the server answers 429 past this)
 
 

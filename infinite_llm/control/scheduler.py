@@ -4,7 +4,10 @@ Every step the scheduler spends a token budget (`max_num_batched_tokens`):
 1. Running requests first, oldest first: one token each when decoding, or the next prompt chunk
    when a prefill is unfinished. A prefill chunk never takes the tokens that the decoding requests
    behind it need (one each), so a long prompt cannot stall other requests' decoding
-   (head-of-line blocking); `long_prefill_token_threshold` caps a chunk further. If the cluster
+   (head-of-line blocking); `long_prefill_token_threshold` caps a chunk further, and so does
+   `prefill_chunk_cap` (set from measured step times by the instance's `PrefillPacer`; a quarter
+   of the budget while others decode or wait, until it knows better), so that a long prompt
+   neither freezes everyone's first token nor stretches their inter-token gaps. If the
    KV manager cannot grow a request's block table, the newest running request is preempted (its
    blocks freed, its KV recomputed later) until the older one fits. Older requests therefore
    always make progress: no livelock.
@@ -41,6 +44,8 @@ class RequestTooLongError(ValueError):
 @dataclass
 class SchedulerOutput:
     batch: list[SeqWork] = field(default_factory=list)
+    num_decodes: int = 0  # requests in the batch that decode one token
+    num_prefill_tokens: int = 0  # tokens of prompt (or recompute) chunks
     scheduled: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
@@ -64,6 +69,9 @@ class Scheduler:
         # The head of the waiting queue did not fit when admission was last tried (kept while a
         # full token budget stops admission from being tried, so the heartbeat keeps reporting it).
         self._blocked_on_memory = False
+        # Cap on the chunks of prompts already running (None: budget // 4 while others decode or
+        # wait; 0: none this step). Newly admitted prompts are not held back by it.
+        self.prefill_chunk_cap: Optional[int] = None
         self.num_preemptions = 0  # cumulative, over all requests ever seen
 
     # ----------------------------------------------------------------- admission
@@ -151,6 +159,12 @@ class Scheduler:
         #    the current one: a prefill chunk leaves one token of budget for each of them.
         decodes_behind = sum(1 for r in self.running if self._is_decoding(r))
         chunk_cap = self.config.long_prefill_token_threshold or budget
+        # A running prompt's chunk shrinks while others decode or wait for admission.
+        running_cap = chunk_cap
+        if decodes_behind or self.waiting:
+            running_cap = min(chunk_cap, max(1, budget // 4))
+        if self.prefill_chunk_cap is not None:
+            running_cap = min(running_cap, self.prefill_chunk_cap)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -159,7 +173,7 @@ class Scheduler:
                 decodes_behind -= 1
                 num_new = min(remaining, budget)
             else:
-                num_new = min(remaining, chunk_cap, max(1, budget - decodes_behind))
+                num_new = min(remaining, running_cap, max(1, budget - decodes_behind))
             if num_new <= 0:  # nothing to do (should not happen for a running request)
                 index += 1
                 continue
@@ -202,11 +216,15 @@ class Scheduler:
             scheduled.append((request, num_new))
             budget -= num_new
 
-        batch = []
+        out = SchedulerOutput(scheduled=[r for r, _ in scheduled], preempted=preempted)
         for request, num_new in scheduled:
             start = request.num_computed_tokens
             end = start + num_new
-            batch.append(
+            if self._is_decoding(request):
+                out.num_decodes += 1
+            else:
+                out.num_prefill_tokens += num_new
+            out.batch.append(
                 SeqWork(
                     request_id=request.request_id,
                     token_ids=request.token_slice(start, end),
@@ -217,7 +235,7 @@ class Scheduler:
                     num_generated=len(request.output_token_ids),
                 )
             )
-        return SchedulerOutput(batch=batch, scheduled=[r for r, _ in scheduled], preempted=preempted)
+        return out
 
     # -------------------------------------------------------------------- update
     def update(self, output: SchedulerOutput, results: Iterable[SampleResult], now: float) -> list[Request]:

@@ -29,6 +29,7 @@ from infinite_llm.control import creditor
 from infinite_llm.control import messages as m
 from infinite_llm.control.home_kv import HomeKV, lend_cap_for
 from infinite_llm.control.migration import HomeMigrations
+from infinite_llm.control.pacer import PrefillPacer
 from infinite_llm.control.plan import BlockRef, SampleResult
 from infinite_llm.control.request import FinishReason, Request
 from infinite_llm.control.rmanager import RManager
@@ -65,6 +66,8 @@ class InstanceEngine:
         max_context = min(self.kv.max_tokens_per_request(blocks, self.lend_cap), model_config.max_position_embeddings)
         self.scheduler = Scheduler(config.scheduler, self.kv, max_context)
         self.migrations = HomeMigrations(self.kv, cluster.migration_tokens_per_step, self)
+        sched = config.scheduler
+        self.pacer = PrefillPacer(sched.max_num_batched_tokens, sched.prefill_slowdown, sched.lone_prefill_slowdown)
         dtype = next(model.parameters()).dtype
         self.cache = PagedKVCache(model_config, cache_cfg, dtype, self.device)
         self.mailbox = PartialMailbox()
@@ -128,6 +131,9 @@ class InstanceEngine:
         self._apply_inbound()
         running = {r.request_id: r for r in self.scheduler.running}
         self.migrations.commit(running)
+        has_decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.scheduler.running)
+        contended = has_decodes or bool(self.scheduler.waiting)
+        self.scheduler.prefill_chunk_cap = self.pacer.next_cap(has_decodes, contended)
         out = self.scheduler.schedule()
         self.migrations.issue({r.request_id: r for r in self.scheduler.running})
         if out.preempted:
@@ -144,12 +150,15 @@ class InstanceEngine:
         self.num_steps += 1
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
+        started = time.perf_counter()
         try:
-            return self.runner.execute(out.batch, self.num_steps)
+            results = self.runner.execute(out.batch, self.num_steps)
         except Exception as exc:  # noqa: BLE001 - the batch's requests fail; the instance goes on
             logger.exception("instance %d: step %d failed", self.rank, self.num_steps)
             error = f"{type(exc).__name__}: {exc}"
             return [SampleResult(w.request_id, -1, error=error) for w in out.batch]
+        self.pacer.observe(time.perf_counter() - started, out.num_prefill_tokens, out.num_decodes)
+        return results
 
     def _update(self, out: SchedulerOutput, results: list[SampleResult]) -> None:
         now = time.monotonic()

@@ -73,18 +73,24 @@ def test_max_num_seqs_caps_the_batch():
 def test_decodes_are_not_starved_behind_a_prefill_and_long_prefill_threshold():
     s = make(blocks=64, budget=16, threshold=8)[0].scheduler
     s.add_request(req("long", 100, max_tokens=2))
-    s.add_request(req("short", 4, max_tokens=20))
+    s.add_request(req("short", 4, max_tokens=60))
     out = run_step(s)
     assert [(w.request_id, len(w.token_ids)) for w in out.batch] == [("long", 8), ("short", 4)]
-    # Without the cap the older prefill would take the whole budget; it still leaves one token
-    # for the decoding request behind it.
+    # Without the threshold, the running prompt still shrinks to a quarter of the budget while a
+    # request decodes behind it, and always leaves that request its token.
     s.config.long_prefill_token_threshold = None
     while s.requests["long"].num_computed_tokens < 100:
         out = run_step(s)
         chunks = {w.request_id: len(w.token_ids) for w in out.batch}
         assert chunks["short"] == 1
-        assert chunks["long"] <= 15
+        assert chunks["long"] <= 16 // 4
     assert len(s.requests["short"].output_token_ids) >= 7
+    s.add_request(req("next", 30))
+    run_step(s)  # admitted with a first chunk; the rest is a running prompt
+    s.prefill_chunk_cap = 0  # the pacer asks for a decode-only step
+    out = run_step(s)
+    assert "next" not in {w.request_id for w in out.batch}
+    assert all(len(w.token_ids) == 1 for w in out.batch)
 
 
 def test_recomputing_request_is_not_treated_as_decoding():

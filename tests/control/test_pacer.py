@@ -1,0 +1,54 @@
+"""PrefillPacer: chunk caps from measured step times (no timing is measured here: the tests feed
+step times in)."""
+
+from __future__ import annotations
+
+import pytest
+
+from infinite_llm.control.pacer import PrefillPacer
+
+
+def test_asks_for_a_decode_only_step_before_it_knows_the_reference():
+    pacer = PrefillPacer(budget=512)
+    assert pacer.next_cap(has_decodes=True, contended=True) == 0
+    assert pacer.next_cap(has_decodes=False, contended=False) is None  # scheduler default
+
+
+def test_cap_fits_the_allowed_slowdown():
+    pacer = PrefillPacer(budget=512, slowdown=2.0, lone_slowdown=4.0)
+    pacer.observe(0.010, prefill_tokens=0, num_decodes=4)  # decode-only: 10 ms
+    pacer.observe(0.030, prefill_tokens=100, num_decodes=4)  # 0.2 ms per prompt token
+    assert pacer.next_cap(has_decodes=True, contended=True) == 50  # 10 ms extra allowed
+    assert pacer.next_cap(has_decodes=False, contended=False) == 150  # 30 ms extra when alone
+
+
+def test_costlier_tokens_shrink_the_cap_at_once_and_it_grows_back_slowly():
+    pacer = PrefillPacer(budget=512)
+    pacer.observe(0.010, 0, 4)
+    pacer.observe(0.020, 100, 4)
+    assert pacer.next_cap(True, True) == 100
+    pacer.observe(0.110, 100, 4)  # 1 ms per token now
+    assert pacer.next_cap(True, True) == 10
+    pacer.observe(0.020, 100, 4)
+    assert 10 < pacer.next_cap(True, True) < 100
+
+
+def test_a_prompt_too_costly_for_one_token_is_slowed_not_starved():
+    pacer = PrefillPacer(budget=512, min_progress_every=4, probe_every=10**6)
+    pacer.observe(0.010, 0, 4)
+    pacer.observe(1.010, 10, 4)  # 100 ms per token: nothing fits in 10 ms
+    caps = [pacer.next_cap(True, True) for _ in range(8)]
+    assert caps == [0, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_reference_is_measured_again_after_a_while():
+    pacer = PrefillPacer(budget=512, probe_every=3)
+    pacer.observe(0.010, 0, 4)
+    for _ in range(3):
+        pacer.observe(0.020, 10, 4)
+    assert pacer.next_cap(True, True) == 0
+
+
+def test_rejects_slowdowns_that_allow_nothing():
+    with pytest.raises(ValueError):
+        PrefillPacer(budget=512, slowdown=1.0)
