@@ -585,7 +585,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> None:
-    from infinite_llm.entrypoints.cli import engine_config_from_args
+    from infinite_llm.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args)
     set_cpu_threads(args.torch_threads, config.cluster.device)

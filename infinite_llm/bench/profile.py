@@ -327,7 +327,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> None:
-    from infinite_llm.entrypoints.cli import engine_config_from_args
+    from infinite_llm.engine_args import engine_config_from_args
 
     if args.warmup < 0 or args.repeats < 1:
         raise ValueError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
