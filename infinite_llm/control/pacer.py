@@ -7,8 +7,9 @@ token of recent steps, and caps the next chunk at what fits in `slowdown` times 
 step while others decode or wait, or `lone_slowdown` times when the prompt runs alone (which
 bounds the first-token delay of a request arriving during it). A chunk's cost per token grows
 with its position (attention over the whole prefix), so the cap shrinks as a long prompt
-advances. When even one token does not fit, the prompt still gets one token every
-`min_progress_every` steps: it is slowed, never starved.
+advances. When even one token does not fit while others decode, the prompt still gets one token
+every `min_progress_every` steps: it is slowed, never starved; alone it always gets at least an
+sixteenth of the budget per step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class PrefillPacer:
         self.lone_slowdown = lone_slowdown
         self.probe_every = probe_every
         self.min_progress_every = min_progress_every
+        # A prompt alone always gets this much per step: per-token cost measured on small chunks
+        # overstates it (a chunk's fixed cost of reading the whole prefix is split over few tokens).
+        self.lone_floor = max(1, budget // 16)
         self.smoothing = smoothing
         self.decode_step_s: Optional[float] = None
         self.prefill_token_s: Optional[float] = None
@@ -41,6 +45,8 @@ class PrefillPacer:
             return None
         factor = self.slowdown if contended else self.lone_slowdown
         fit = int((factor - 1.0) * self.decode_step_s / self.prefill_token_s)
+        if not contended:  # nobody waits on it: keep a floor so a long prompt never crawls
+            return min(self.budget, max(fit, self.lone_floor))
         if fit >= 1:
             self._starved_steps = 0
             return min(fit, self.budget)

@@ -22,6 +22,13 @@ def test_cap_fits_the_allowed_slowdown():
     assert pacer.next_cap(has_decodes=False, contended=False) == 150  # 30 ms extra when alone
 
 
+def test_a_prompt_alone_never_crawls():
+    pacer = PrefillPacer(budget=512, lone_slowdown=4.0)
+    pacer.observe(0.010, 0, 4)
+    pacer.observe(1.010, 10, 0)  # 100 ms per token: nothing fits in 30 ms
+    assert pacer.next_cap(has_decodes=False, contended=False) == 512 // 16
+
+
 def test_costlier_tokens_shrink_the_cap_at_once_and_it_grows_back_slowly():
     pacer = PrefillPacer(budget=512)
     pacer.observe(0.010, 0, 4)
