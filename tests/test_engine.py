@@ -128,12 +128,12 @@ def test_migration_in_flight_keeps_output_exact(llama_checkpoint, engines, direc
     engine = llm.engine
     outputs: list = []
     if direction == "peer_to_home":  # a short request holds 3 home blocks while r is admitted
-        engine.add_request("filler", [5] * 20, SamplingParams(max_tokens=4, ignore_eos=True), home=0)
+        engine.add_request("filler", [5] * 20, SamplingParams(max_tokens=20, ignore_eos=True), home=0)
         _wait_first_token(engine, "filler", outputs)
     engine.add_request("r", prompt, params, home=0)
     _wait_first_token(engine, "r", outputs)
-    while direction == "peer_to_home" and not any(o.request_id == "filler" and o.finished for o in outputs):
-        outputs.extend(engine.step())
+    if direction == "peer_to_home":
+        engine.abort_request("filler")  # its 3 blocks free up at home
     if direction == "home_to_peer":
         engine.order_migration("r", src=0, dst=1, num_blocks=5)
     elif direction == "peer_to_home":
@@ -175,7 +175,8 @@ def test_mutual_borrowing_completes(llama_checkpoint, engines, placement):
     striped spreads both requests over both instances from the start; under infinite each home
     moves blocks of its request to the other (lent blocks both ways)."""
     a, b = prompts(7, [70, 66])
-    llm = engines(llama_checkpoint, instances=2, blocks=20, batched_tokens=32, placement=placement)
+    llm = engines(llama_checkpoint, instances=2, blocks=20, batched_tokens=32, placement=placement,
+                  debug_step_delay_s={0: 0.005, 1: 0.005})  # both still decode when the orders land
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     engine = llm.engine
     engine.add_request("a", a, params, home=0)
@@ -183,8 +184,8 @@ def test_mutual_borrowing_completes(llama_checkpoint, engines, placement):
     if placement == "infinite":
         first: list = []
         _wait_first_token(engine, "a", first)
-        _wait_first_token(engine, "b", first)
         engine.order_migration("a", src=0, dst=1, num_blocks=3)
+        _wait_first_token(engine, "b", first)
         engine.order_migration("b", src=1, dst=0, num_blocks=3)
     rms = [i.rm for i in llm.engine.cluster.instances]
     outputs = _run_pair(llm, lambda: rms[0].num_borrowed > 0 and rms[1].num_borrowed > 0)
