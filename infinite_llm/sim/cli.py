@@ -25,7 +25,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from infinite_llm.bench.cli_common import build_workload_trace, comma_separated_subset, positive_int_list
+from infinite_llm.bench.cli_common import (
+    build_workload_trace,
+    comma_separated_subset,
+    positive_int_list,
+)
 from infinite_llm.bench.workloads import TraceRequest
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.perf_model import HARDWARE_PRESETS, MODEL_PRESETS
@@ -67,6 +71,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-seqs-per-instance", type=int, default=64, help="an instance's max_num_seqs")
     s.add_argument("--max-batched-tokens-per-instance", type=int, default=2048,
                    help="an instance's per-step token budget (and largest prefill chunk)")
+    s.add_argument("--prefill-slowdown", type=float, default=2.0,
+                   help="as the engine's: a running prompt's chunk may make a step this many times a "
+                        "decode-only step while others decode or wait (control/pacer.py)")
+    s.add_argument("--lone-prefill-slowdown", type=float, default=4.0,
+                   help="as the engine's: the same when the prompt runs alone")
     s.add_argument("--migration-tokens-per-step", type=int, default=1024,
                    help="KV a home copies per step at most while migrating")
     s.add_argument("--heartbeat-interval-s", type=float, default=0.1)
@@ -104,12 +113,18 @@ def fits_one_instance(trace: Sequence[TraceRequest], spec: SimClusterSpec) -> li
     return [r for r in trace if r.prompt_len + r.output_len <= capacity]
 
 
-def scheduler_config(max_seqs: int, max_batched_tokens: int, num_requests: int) -> SchedulerConfig:
-    if max_seqs < 1 or max_batched_tokens < 1:
+def scheduler_config(args: argparse.Namespace, num_requests: int) -> SchedulerConfig:
+    """Every instance's scheduler settings."""
+    if args.max_seqs_per_instance < 1 or args.max_batched_tokens_per_instance < 1:
         raise ValueError("--max-seqs-per-instance and --max-batched-tokens-per-instance must be >= 1")
-    # Big enough that no request of the trace is turned away for a full queue.
-    return SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched_tokens,
-                           long_prefill_token_threshold=max_batched_tokens, max_waiting=max(1024, num_requests))
+    if min(args.prefill_slowdown, args.lone_prefill_slowdown) <= 1:
+        raise ValueError("--prefill-slowdown and --lone-prefill-slowdown must be > 1")
+    # max_waiting: big enough that no request of the trace is turned away for a full queue.
+    return SchedulerConfig(
+        max_num_seqs=args.max_seqs_per_instance, max_num_batched_tokens=args.max_batched_tokens_per_instance,
+        long_prefill_token_threshold=args.max_batched_tokens_per_instance, max_waiting=max(1024, num_requests),
+        prefill_slowdown=args.prefill_slowdown, lone_prefill_slowdown=args.lone_prefill_slowdown,
+    )
 
 
 def run_policies(spec: SimClusterSpec, trace: Sequence[TraceRequest], sched: SchedulerConfig,
@@ -171,7 +186,7 @@ def run_sweep(args: argparse.Namespace, base_instances: int, num_requests: int,
         scale = n / base_instances
         trace = build_trace(args.workload, max(1, round(num_requests * scale)), args.request_rate * scale, args.seed)
         common = fits_one_instance(trace, n_spec)
-        sched = scheduler_config(args.max_seqs_per_instance, args.max_batched_tokens_per_instance, len(common))
+        sched = scheduler_config(args, len(common))
         sweep[n] = run_policies(n_spec, common, sched, policies, args)
     return sweep
 
@@ -187,7 +202,8 @@ def _describe(spec: SimClusterSpec, args: argparse.Namespace, trace: Sequence[Tr
     print(
         f"workload {args.workload}: {len(trace)} requests at {args.request_rate} req/s (seed {args.seed}), "
         f"prompts {min(prompts):,}-{max(prompts):,} tokens; {len(common)} fit one instance; each instance: "
-        f"{sched.max_num_seqs} seqs, {sched.max_num_batched_tokens} tokens per step; heartbeats every "
+        f"{sched.max_num_seqs} seqs, {sched.max_num_batched_tokens} tokens per step, prefill slowdown "
+        f"{sched.prefill_slowdown}/{sched.lone_prefill_slowdown}; heartbeats every "
         f"{args.heartbeat_interval_s} s, rebalancing every {args.rebalance_interval_s} s"
     )
 
@@ -207,12 +223,41 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     policies = list(args.policies)
     trace = build_trace(args.workload, num_requests, args.request_rate, args.seed)
     common_trace = fits_one_instance(trace, spec)
-    subset = [r.request_id for r in common_trace]
-    sched = scheduler_config(args.max_seqs_per_instance, args.max_batched_tokens_per_instance, len(trace))
+    sched = scheduler_config(args, len(trace))
     _describe(spec, args, trace, common_trace, sched)
 
+    full, common, longest = run_trace_experiments(spec, trace, common_trace, sched, policies, args)
+    probe, probe_id, bytes_runs = run_lone_request_experiments(spec, sched, policies, probe_context,
+                                                               bytes_contexts, args)
+    sweep: dict[int, dict[str, SimResult]] = {}
+    if args.sweep:
+        print(f"\n== scaling sweep: common work, load per instance as at {spec.num_instances} ==")
+        sweep = run_sweep(args, spec.num_instances, num_requests, policies)
+        print(report.sweep_table(sweep))
+
+    subset = [r.request_id for r in common_trace]
+    targets = report.check_targets(full, subset, common, longest, probe, probe_id, bytes_runs)
+    print("\n== targets (issue 12) ==")
+    print(report.targets_text(targets))
+    print(
+        "\nmodel: roofline PerfModel from datasheet numbers; every instance steps on its own clock; a home waits "
+        "per step for its own holders (latency per layer + bytes / bandwidth + their guest attention, overlapped "
+        "with its local attention); guest attention is charged to the holder; copies run in the background on "
+        "the source's link; see infinite_llm/sim/simulator.py"
+    )
+    payload = _payload(args, spec, sched, trace, full, common, probe, bytes_runs, sweep, targets, probe_context)
+    payload["wall_time_s"] = time.perf_counter() - started
+    return _write(args, payload, spec, full, common, sweep, started)
+
+
+def run_trace_experiments(spec: SimClusterSpec, trace: Sequence[TraceRequest], common_trace: Sequence[TraceRequest],
+                          sched: SchedulerConfig, policies: Sequence[str], args: argparse.Namespace,
+                          ) -> tuple[dict[str, SimResult], dict[str, SimResult], str]:
+    """The full trace and the common work, printed; returns them and the longest request both
+    infinite and striped served (the decode-speed comparison)."""
     full = run_policies(spec, trace, sched, policies, args)
     longest = report.longest_served(full) or max(trace, key=lambda r: r.prompt_len + r.output_len).request_id
+    subset = [r.request_id for r in common_trace]
     print("\n== full trace ==")
     print(report.policy_table(full))
     print(f"\nthe {len(subset)} requests static can serve, inside the full-trace runs:")
@@ -226,7 +271,13 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
         print(report.policy_table(common))
     print("\nKV memory utilisation per instance (full trace, time mean):")
     print(report.per_instance_table(full))
+    return full, common, longest
 
+
+def run_lone_request_experiments(spec: SimClusterSpec, sched: SchedulerConfig, policies: Sequence[str],
+                                 probe_context: int, bytes_contexts: Sequence[int], args: argparse.Namespace,
+                                 ) -> tuple[dict[str, SimResult], Optional[str], dict[str, dict[int, SimResult]]]:
+    """The probe (one long context alone: its decode speed) and the bytes per decode step."""
     probe: dict[str, SimResult] = {}
     probe_id = None
     if probe_context:
@@ -239,25 +290,7 @@ def main_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if bytes_runs:
         print("\n== attention bytes per decode step of one request (queries, new K/V, partials) ==")
         print(report.bytes_table(bytes_runs))
-
-    sweep: dict[int, dict[str, SimResult]] = {}
-    if args.sweep:
-        print(f"\n== scaling sweep: common work, load per instance as at {spec.num_instances} ==")
-        sweep = run_sweep(args, spec.num_instances, num_requests, policies)
-        print(report.sweep_table(sweep))
-
-    targets = report.check_targets(full, subset, common, longest, probe, probe_id, bytes_runs)
-    print("\n== targets (issue 12) ==")
-    print(report.targets_text(targets))
-    print(
-        "\nmodel: roofline PerfModel from datasheet numbers; every instance steps on its own clock; a home waits "
-        "per step for its own holders (latency per layer + bytes / bandwidth + their guest attention, overlapped "
-        "with its local attention); guest attention is charged to the holder; copies run in the background on "
-        "the source's link; see infinite_llm/sim/simulator.py"
-    )
-    payload = _payload(args, spec, sched, trace, full, common, probe, bytes_runs, sweep, targets, probe_context)
-    payload["wall_time_s"] = time.perf_counter() - started
-    return _write(args, payload, spec, full, common, sweep, started)
+    return probe, probe_id, bytes_runs
 
 
 def _payload(args: argparse.Namespace, spec: SimClusterSpec, sched: SchedulerConfig, trace: Sequence[TraceRequest],

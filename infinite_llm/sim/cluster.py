@@ -49,11 +49,19 @@ class StepCostModel:
                          partial, over all layers (DistAttention traffic).
     header_bytes_per_seq: per layer and guest sequence, the rest of an attention message.
     num_layers:          per-layer exchanges: a remote holder costs 2 latencies per layer.
-    host_lanes:          None: every instance has its own accelerator. A number: the instances
-                         are threads sharing that many CPU cores (the local engine), and an
-                         instance's compute stretches by busy instances / host_lanes.
-    message_cpu_s / guest_segment_cpu_s: host work per per-layer message and per guest sequence
-                         (packing, queue hand-off); 0 on an accelerator cluster.
+    host_stretch:        None: every instance has its own accelerator. Otherwise the instances
+                         are threads sharing one host's cores (the local engine): a step taken
+                         while k instances are busy lasts host_stretch[k - 1] times longer (the
+                         last entry times k / len beyond the table); measured, not derived.
+    step_overhead_s:     host time of an engine step outside the model (the loop, queues,
+                         scheduling); 0 on an accelerator cluster, where it overlaps the GPU.
+    control_latency_s:   one small control message (borrow, grant, creditor query); None: the
+                         link latency. Threads of one process hand those over much faster than an
+                         attention message, which carries tensors and the holder's compute.
+    holders_serial_fraction: 0: a home waits for its slowest holder (messages to different
+                         holders travel in parallel). 1: for the sum of its holders' exchanges
+                         (threads of one process handing messages over one after another). In
+                         between: the slowest plus that fraction of the others; measured.
     """
 
     perf: PerfModel
@@ -68,9 +76,10 @@ class StepCostModel:
     intra_node_latency_s: float = 0.0
     inter_node_latency_s: float = 0.0
     instances_per_node: int = 1
-    host_lanes: Optional[float] = None
-    message_cpu_s: float = 0.0
-    guest_segment_cpu_s: float = 0.0
+    host_stretch: Optional[tuple[float, ...]] = None
+    step_overhead_s: float = 0.0
+    holders_serial_fraction: float = 0.0
+    control_latency_s: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("kv_bytes_per_token", "query_bytes_per_token", "partial_bytes_per_token",
@@ -81,16 +90,21 @@ class StepCostModel:
         if isinstance(self.header_bytes_per_seq, bool) or not isinstance(self.header_bytes_per_seq, int) \
                 or self.header_bytes_per_seq < 0:
             raise ValueError(f"StepCostModel.header_bytes_per_seq must be an integer >= 0, got {self.header_bytes_per_seq!r}")
-        for name in ("attn_flop_s_per_kv_query", "intra_node_latency_s", "inter_node_latency_s", "message_cpu_s",
-                     "guest_segment_cpu_s"):
+        for name in ("attn_flop_s_per_kv_query", "intra_node_latency_s", "inter_node_latency_s", "step_overhead_s"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"StepCostModel.{name} must be finite and >= 0, got {value!r}")
         for name in ("intra_node_bandwidth_Bps", "inter_node_bandwidth_Bps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"StepCostModel.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.host_lanes is not None and not (math.isfinite(self.host_lanes) and self.host_lanes >= 1):
-            raise ValueError(f"StepCostModel.host_lanes must be None or finite and >= 1, got {self.host_lanes!r}")
+        if self.control_latency_s is not None and not (math.isfinite(self.control_latency_s)
+                                                       and self.control_latency_s >= 0):
+            raise ValueError(f"StepCostModel.control_latency_s must be None or finite and >= 0, got {self.control_latency_s!r}")
+        if not 0.0 <= self.holders_serial_fraction <= 1.0:
+            raise ValueError(f"StepCostModel.holders_serial_fraction must be in [0, 1], got {self.holders_serial_fraction!r}")
+        if self.host_stretch is not None and (
+                not self.host_stretch or not all(math.isfinite(x) and x > 0 for x in self.host_stretch)):
+            raise ValueError(f"StepCostModel.host_stretch must be None or positive factors, got {self.host_stretch!r}")
 
     def same_node(self, a: int, b: int) -> bool:
         return a // self.instances_per_node == b // self.instances_per_node
@@ -99,8 +113,21 @@ class StepCostModel:
         """One message's latency between instances a and b."""
         return self.intra_node_latency_s if self.same_node(a, b) else self.inter_node_latency_s
 
+    def control_latency(self, a: int, b: int) -> float:
+        """One control message's latency between instances a and b."""
+        return self.latency(a, b) if self.control_latency_s is None else self.control_latency_s
+
     def bandwidth(self, a: int, b: int) -> float:
         return self.intra_node_bandwidth_Bps if self.same_node(a, b) else self.inter_node_bandwidth_Bps
+
+    def stretch(self, busy: int) -> float:
+        """How much longer a step takes while `busy` instances (itself included) share the host."""
+        table = self.host_stretch
+        if table is None or busy < 1:
+            return 1.0
+        if busy <= len(table):
+            return table[busy - 1]
+        return table[-1] * busy / len(table)
 
     def attention_time(self, kv_tokens: int, pairs: int) -> float:
         """Attention over `kv_tokens` KV tokens for `pairs` query x KV-token pairs: reading the KV

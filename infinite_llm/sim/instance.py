@@ -2,8 +2,8 @@
 
 It owns what `instance/engine.py`'s `InstanceEngine` owns (an `RManager`, a `HomeKV`, a
 `Scheduler`, `HomeMigrations`) and steps in the same order: apply inbound requests and
-migration orders; commit confirmed block copies; schedule; issue this step's copies; execute
-(here: price); update. A step is split in two events, begin (everything up to execute, at the
+migration orders; commit confirmed block copies; cap running prompts' chunks (`PrefillPacer`,
+fed the priced step times); schedule; issue this step's copies; execute (here: price); update. A step is split in two events, begin (everything up to execute, at the
 time the loop is free) and finish (update, when the priced duration has passed), so other
 instances see its blocks taken while it runs and its tokens only when it is done.
 """
@@ -16,8 +16,14 @@ from typing import Callable, Optional, Union
 
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.home_kv import lend_cap_for
-from infinite_llm.control.messages import AddRequest, Heartbeat, MigrationOrder, RequestPlacement
+from infinite_llm.control.messages import (
+    AddRequest,
+    Heartbeat,
+    MigrationOrder,
+    RequestPlacement,
+)
 from infinite_llm.control.migration import HomeMigrations
+from infinite_llm.control.pacer import PrefillPacer
 from infinite_llm.control.plan import SampleResult, SeqWork
 from infinite_llm.control.request import Request
 from infinite_llm.control.rmanager import RManager
@@ -57,6 +63,7 @@ class InstanceStats:
     num_steps: int = 0
     compute_s: float = 0.0  # own steps' work (non-attention, local attention)
     guest_s: float = 0.0  # MicroAttention served for other homes' requests
+    guest_queries: int = 0  # attention messages served for other homes (one per layer and home step)
     wait_s: float = 0.0  # time steps spent waiting on holders beyond local attention
     round_trip_s: float = 0.0  # waiting for gManager / creditor replies (borrowing)
     non_attention_s: float = 0.0
@@ -81,6 +88,8 @@ class SimInstance:
         capacity = self.kv.max_tokens_per_request(spec.num_blocks, self.lend_cap)
         self.scheduler = Scheduler(spec.scheduler, self.kv, min(capacity, max_context or capacity))
         self.migrations = HomeMigrations(self.kv, spec.migration_tokens_per_step, self.link)
+        sched = spec.scheduler
+        self.pacer = PrefillPacer(sched.max_num_batched_tokens, sched.prefill_slowdown, sched.lone_prefill_slowdown)
         self.layout = KVLayout(self.kv)
         self.inbound: deque[Inbound] = deque()
         self.in_flight: Optional[StepInFlight] = None
@@ -95,7 +104,7 @@ class SimInstance:
         return bool(self.inbound or self.scheduler.has_unfinished() or self.migrations.busy())
 
     def begin_step(self, now: float, cost: StepCostModel, speed: Callable[[int], float],
-                   admit: Callable[["SimInstance", Request], None]) -> Optional[StepInFlight]:
+                   admit: Callable[[SimInstance, Request], None]) -> Optional[StepInFlight]:
         """Everything of `InstanceEngine.step` up to execute; None if there is no batch."""
         self._sample_memory(now)
         self.link.now = now
@@ -106,6 +115,7 @@ class SimInstance:
             else:
                 self.migrations.add_order(item)
         self.migrations.commit({r.request_id: r for r in self.scheduler.running})
+        self._pace_prefill()
         out = self.scheduler.schedule()
         self.migrations.issue({r.request_id: r for r in self.scheduler.running})
         for request in out.preempted:
@@ -118,6 +128,19 @@ class SimInstance:
         self.in_flight = StepInFlight(out, price, now)
         self._account(price)
         return self.in_flight
+
+    def executed(self, seconds: float) -> None:
+        """The in-flight step's execution took `seconds` (as the engine's pacer measures it)."""
+        out = self.in_flight.out if self.in_flight is not None else None
+        if out is not None:
+            self.pacer.observe(seconds, out.num_prefill_tokens, out.num_decodes)
+
+    def _pace_prefill(self) -> None:
+        """The engine caps running prompts' chunks from measured step times (PrefillPacer)."""
+        running = self.scheduler.running
+        has_decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
+        contended = has_decodes or bool(self.scheduler.waiting)
+        self.scheduler.prefill_chunk_cap = self.pacer.next_cap(has_decodes, contended)
 
     def finish_step(self, now: float) -> list[Request]:
         """Apply the in-flight step's results; returns the requests it finished."""
@@ -169,6 +192,11 @@ class SimInstance:
         last one (the gManager's view would be the same, so the simulator skips it)."""
         placements, removed = self._placement_changes()
         load = self.scheduler.load()
+        # The engine's heartbeat also carries its cumulative counters.
+        load.num_steps = self.stats.num_steps
+        load.num_preemptions = self.scheduler.num_preemptions
+        load.num_migrated_blocks = self.migrations.num_migrated_blocks
+        load.num_guest_queries = self.stats.guest_queries
         rm = self.rm
         state = (rm.num_free, rm.num_lent, rm.num_borrowed, rm.lendable, load)
         if state == self._sent_state and not placements and not removed:

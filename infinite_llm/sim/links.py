@@ -72,7 +72,7 @@ class HomeLink:
 
     def borrow(self, creditor_id: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
                copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
-        self._delay_s += 2 * self.world.cost.latency(self.home, creditor_id)
+        self._delay_s += 2 * self.world.cost.control_latency(self.home, creditor_id)
         self.num_borrows += 1
         request = BorrowRequest(next(self._tags), self.home, request_id, num_blocks, indices, copy_tags)
         reply = creditor.on_borrow(self.world.rmanagers[creditor_id], request)

@@ -38,9 +38,8 @@ class MemoHomeKV(HomeKV):
         need = self.num_blocks_needed(request_id, total_tokens)
         if need == 0:
             return True
-        key = (request_id, total_tokens, len(self.block_table(request_id)), self._state())
         last = self._failed_cost.get(request_id)
-        if last is not None and (key == self._failed or need > self._room(self.home)):
+        if last is not None and (need > self._room(self.home) or self._key(request_id, total_tokens) == self._failed):
             self.link.charge(*last)
             self.num_memo_hits += 1
             return False
@@ -49,9 +48,13 @@ class MemoHomeKV(HomeKV):
             self._failed_cost.pop(request_id, None)
             return True
         after = self.link.counters()
-        self._failed = key
+        # A failed attempt gave everything back: the state after it is the state it met.
+        self._failed = self._key(request_id, total_tokens)
         self._failed_cost[request_id] = (after[0] - before[0], after[1] - before[1], after[2] - before[2])
         return False
+
+    def _key(self, request_id: str, total_tokens: int) -> tuple:
+        return (request_id, total_tokens, len(self.block_table(request_id)), self._state())
 
     def free(self, request_id: str) -> None:
         self._failed_cost.pop(request_id, None)

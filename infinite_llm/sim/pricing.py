@@ -54,13 +54,18 @@ class StepPrice:
     num_tokens: int
     non_attention_s: float
     attention_s: float  # local MicroAttention on the home
-    host_s: float = 0.0  # message handling on the home (threads sharing a host only)
+    host_s: float = 0.0  # engine loop work outside the model (threads sharing a host only)
     round_trip_s: float = 0.0  # waiting for the gManager's and creditors' replies (borrowing)
     holders: list[HolderCost] = field(default_factory=list)
+    holders_serial_fraction: float = 0.0  # see StepCostModel
 
     @property
     def remote_wait_s(self) -> float:
-        return max((h.wait_s for h in self.holders), default=0.0)
+        if not self.holders:
+            return 0.0
+        waits = [h.wait_s for h in self.holders]
+        slowest = max(waits)
+        return slowest + self.holders_serial_fraction * (sum(waits) - slowest)
 
     @property
     def duration_s(self) -> float:
@@ -104,7 +109,7 @@ def price_step(cost: StepCostModel, home: int, batch: Sequence[SeqWork], tokens_
         num_seqs=len(batch), num_tokens=num_tokens,
         non_attention_s=cost.perf.non_attention_time(len(batch), num_tokens) / s,
         attention_s=cost.attention_time(local.kv_tokens, local.pairs) / s,
-        host_s=2 * cost.num_layers * len(guests) * cost.message_cpu_s,
+        host_s=cost.step_overhead_s, holders_serial_fraction=cost.holders_serial_fraction,
     )
     price.holders = [_holder_cost(cost, home, h, g, speed(h)) for h, g in sorted(guests.items())]
     return price
@@ -115,8 +120,7 @@ def _holder_cost(cost: StepCostModel, home: int, holder: int, work: GuestWork, s
     out = (layers * cost.header_bytes_per_seq * work.seqs + work.queries * cost.query_bytes_per_token
            + work.writes * cost.kv_bytes_per_token)
     back = work.queries * cost.partial_bytes_per_token
-    compute = (cost.attention_time(work.kv_tokens, work.pairs)
-               + work.seqs * cost.guest_segment_cpu_s + 2 * layers * cost.message_cpu_s) / speed
+    compute = cost.attention_time(work.kv_tokens, work.pairs) / speed
     wait = layers * 2 * cost.latency(home, holder) + (out + back) / cost.bandwidth(home, holder) + compute
     return HolderCost(holder=holder, compute_s=compute, wait_s=wait, bytes_sent=out + back)
 

@@ -151,16 +151,18 @@ def check_targets(full: Mapping[str, SimResult], subset: Sequence[str], common: 
     targets = []
     if "infinite" in full and "static" in full:
         inf, sta = full["infinite"], full["static"]
+        inf_tput, sta_tput = inf.subset_throughput(subset), sta.subset_throughput(subset)
         targets.append(_at_least(
             "static-servable requests in the full trace, infinite/static throughput",
-            ratio(inf.subset_throughput(subset), sta.subset_throughput(subset)), SUBSET_TARGET,
-            f"{len(subset)} requests; infinite also completed {inf.num_completed - len(subset)} longer ones "
-            f"(static rejected {sta.num_rejected})"))
+            ratio(inf_tput, sta_tput), SUBSET_TARGET,
+            f"{len(subset)} requests at {inf_tput:,.0f} vs {sta_tput:,.0f} tok/s; infinite also completed "
+            f"{inf.num_completed - len(subset)} longer ones (static rejected {sta.num_rejected})"))
     if "infinite" in common and "static" in common:
+        inf_tput, sta_tput = common["infinite"].throughput_tokens_per_s, common["static"].throughput_tokens_per_s
         targets.append(_at_least(
-            "common work, infinite/static throughput",
-            ratio(common["infinite"].throughput_tokens_per_s, common["static"].throughput_tokens_per_s),
-            COMMON_TARGET, f"the {common['static'].num_requests} requests every policy serves, run alone"))
+            "common work, infinite/static throughput", ratio(inf_tput, sta_tput), COMMON_TARGET,
+            f"the {common['static'].num_requests} requests every policy serves, run alone: {inf_tput:,.0f} vs "
+            f"{sta_tput:,.0f} tok/s"))
     for label, results, rid in (("full trace", full, longest), ("alone on the cluster", probe, probe_id)):
         if rid and "infinite" in results and "striped" in results:
             speeds = {p: (rec.decode_tokens_per_s if (rec := results[p].record(rid)) else None)

@@ -28,7 +28,8 @@ Every number is deterministic for a given trace and setup.
 Simplified: prompt token ids are all `token_id` (cost does not depend on values); per-layer
 waits are summed over the step (max over holders, overlapped with local attention) instead of
 interleaved layer by layer; guest attention runs at once on the holder, not at its next
-attention point; the control plane's own CPU time is not charged unless `charge_control_plane`.
+attention point; the control plane's own CPU time is not charged (on a GPU cluster it overlaps
+the device; for threads sharing a host, `StepCostModel.step_overhead_s` stands for it).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError
 from infinite_llm.sim.cluster import SimClusterSpec, StepCostModel
 from infinite_llm.sim.instance import InstanceSpec, SimInstance
 from infinite_llm.sim.requests import RequestRecord, make_request
-from infinite_llm.sim.router import SimRouter
 from infinite_llm.sim.results import SimResult, mean
+from infinite_llm.sim.router import SimRouter
 
 
 class SimulationStalledError(RuntimeError):
@@ -86,10 +87,6 @@ class SimSetup:
     # after this long, as the engine's loop polls.
     idle_poll_s: float = 0.01
     token_id: int = 0
-    # Also charge the host time of the control plane (scheduling, updates) to the instance's
-    # clock. Off by default (results would depend on this machine); the validation against the
-    # local engine turns it on, where a tiny model's step is mostly control plane.
-    charge_control_plane: bool = False
     # Give up when no instance made progress for this long (simulated seconds).
     stall_timeout_s: float = 3600.0
 
@@ -112,7 +109,7 @@ class SimSetup:
 
     @classmethod
     def for_cluster(cls, spec: SimClusterSpec, placement: str, scheduler: SchedulerConfig,
-                    **overrides: Any) -> "SimSetup":
+                    **overrides: Any) -> SimSetup:
         return cls(cost=spec.cost_model(), num_instances=spec.num_instances,
                    num_blocks_per_instance=spec.blocks_per_instance, block_size=spec.block_size,
                    placement=placement, scheduler=scheduler, lend_fraction=spec.lend_fraction, **overrides)
@@ -153,14 +150,16 @@ class Simulator:
         self._last_progress = 0.0
         self.now = 0.0
         self.migrated_bytes = 0
-        self.control_plane_s = 0.0
         self._heartbeats_received = 0
         self._current_seq = -1  # the event being handled
         self._ran = False
 
     # ------------------------------------------------------------------ World
     def gmanager_latency(self, instance: int) -> float:
-        return self.cost.inter_node_latency_s
+        """The gManager and the router run off the instances' nodes: their (small, control)
+        messages cross the network."""
+        latency = self.cost.control_latency_s
+        return self.cost.inter_node_latency_s if latency is None else latency
 
     def _pool_state(self) -> tuple:
         """What decides whether an allocation succeeds: every pool's free and lent counts and the
@@ -210,7 +209,7 @@ class Simulator:
             return
         home = self.router.dispatch(request)
         request.home = record.home = home
-        self._at(self.now + self.cost.inter_node_latency_s, self._deliver, home, AddRequest(request))
+        self._at(self.now + self.gmanager_latency(home), self._deliver, home, AddRequest(request))
 
     def _deliver(self, i: int, message: Any) -> None:
         self.instances[i].inbound.append(message)
@@ -233,21 +232,18 @@ class Simulator:
             return  # superseded: the step was pushed back by guest work
         self._pending[i] = None
         inst = self.instances[i]
-        started = time.perf_counter()
         if inst.in_flight is not None:
             self._finished(inst.finish_step(self.now))
         step = inst.begin_step(self.now, self.cost, self._speed, self._admit)
-        host_s = time.perf_counter() - started
-        self.control_plane_s += host_s
         self._dirty.add(i)
         if step is None:
             if inst.has_work():
                 self._schedule_step(i, self.now + self.setup.idle_poll_s)
             return
         self._last_progress = self.now
-        duration = step.price.duration_s * self._host_stretch(i)
-        if self.setup.charge_control_plane:
-            duration += host_s
+        stretch = self._host_stretch(i)
+        duration = step.price.duration_s * stretch
+        inst.executed((step.price.duration_s - step.price.round_trip_s) * stretch)
         for holder in step.price.holders:
             self._charge_guest(holder.holder, self.now + self.cost.latency(i, holder.holder), holder.compute_s)
         inst.free_at = self.now + duration
@@ -258,17 +254,17 @@ class Simulator:
         inst = self.instances[h]
         inst.free_at = max(inst.free_at, arrives) + compute_s
         inst.stats.guest_s += compute_s
+        inst.stats.guest_queries += self.cost.num_layers
         pending = self._pending[h]
         if pending is not None and pending[0] < inst.free_at:
             self._schedule_step(h, inst.free_at)  # the old event is now stale
 
     def _host_stretch(self, i: int) -> float:
         """Instances sharing a host's cores (threads of the local engine) slow each other."""
-        lanes = self.cost.host_lanes
-        if lanes is None:
+        if self.cost.host_stretch is None:
             return 1.0
         busy = 1 + sum(1 for j, inst in enumerate(self.instances) if j != i and inst.in_flight is not None)
-        return max(1.0, busy / lanes)
+        return self.cost.stretch(busy)
 
     def _speed(self, i: int) -> float:
         return self.setup.speed.get(i, 1.0)
@@ -296,7 +292,7 @@ class Simulator:
         if self._router_stale:
             statuses = {i: s.status() for i in range(self.setup.num_instances)
                         if (s := self.gmanager.status(i)) is not None}
-            self._at(self.now + self.cost.inter_node_latency_s, self.router.update_view, statuses)
+            self._at(self.now + self.gmanager_latency(0), self.router.update_view, statuses)
             self._router_stale = False
         if self._unresolved:
             self._at(self.now + self.setup.view_interval_s, self._view_tick)
@@ -328,6 +324,16 @@ class Simulator:
         if self._unresolved:
             self._at(self.now + self.setup.rebalance_interval_s, self._rebalance_tick)
 
+    def order_migration(self, at_s: float, order: MigrationOrder) -> None:
+        """Hand `order` to its request's home at simulated time `at_s`, as if the gManager had
+        sent it (tests and experiments; call before `run`)."""
+        def send() -> None:
+            record = self.records.get(order.request_id)
+            if record is not None and record.home is not None:
+                self._deliver(record.home, order)
+
+        self._at(at_s, send)
+
     # ------------------------------------------------------------------ run
     def run(self, trace: Sequence[TraceRequest]) -> SimResult:
         if self._ran:
@@ -346,12 +352,23 @@ class Simulator:
                                                           item.output_len)
             self._at(item.arrival_time_s, self._arrival, item)
         self._unresolved = len(ordered)
+        self._ready(first)
         self._at(first, self._heartbeat_tick)
         self._at(first, self._view_tick)
         if self.setup.placement == "infinite" and self.setup.num_instances > 1:
             self._at(first + self.setup.rebalance_interval_s, self._rebalance_tick)
         self._loop()
         return self._result(trace, first, time.perf_counter() - started)
+
+    def _ready(self, now: float) -> None:
+        """The front end waits until the gManager has heard from every instance and the router
+        has its view (`Router.wait_ready`), so the first arrivals are placed on a full view."""
+        for inst in self.instances:
+            beat = inst.heartbeat(now)
+            assert beat is not None
+            self.gmanager.heartbeat(beat, now)
+        self.router.update_view({i: s.status() for i in range(self.setup.num_instances)
+                                 if (s := self.gmanager.status(i)) is not None})
 
     def _loop(self) -> None:
         events = self._events
