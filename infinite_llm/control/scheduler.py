@@ -133,6 +133,11 @@ class Scheduler:
         return len(self.waiting)
 
     # ---------------------------------------------------------------- scheduling
+    def admission_possible(self) -> bool:
+        """Requests wait that could be admitted: waiters blocked on memory do not count, since
+        holding a running prompt back for them would only stall it (they wait for its blocks)."""
+        return bool(self.waiting) and not self._blocked_on_memory
+
     @staticmethod
     def _is_decoding(request: Request) -> bool:
         """Only the newest token is left to compute (a recomputing request after preemption is
@@ -161,7 +166,7 @@ class Scheduler:
         chunk_cap = self.config.long_prefill_token_threshold or budget
         # A running prompt's chunk shrinks while others decode or wait for admission.
         running_cap = chunk_cap
-        if decodes_behind or self.waiting:
+        if decodes_behind or self.admission_possible():
             running_cap = min(chunk_cap, max(1, budget // 4))
         if self.prefill_chunk_cap is not None:
             running_cap = min(running_cap, self.prefill_chunk_cap)

@@ -139,7 +139,7 @@ class SimInstance:
         """The engine caps running prompts' chunks from measured step times (PrefillPacer)."""
         running = self.scheduler.running
         has_decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
-        contended = has_decodes or bool(self.scheduler.waiting)
+        contended = has_decodes or self.scheduler.admission_possible()
         self.scheduler.prefill_chunk_cap = self.pacer.next_cap(has_decodes, contended)
 
     def finish_step(self, now: float) -> list[Request]:
