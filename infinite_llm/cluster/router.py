@@ -1,8 +1,6 @@
 """The router: hands each new request to a home instance and collects its token stream.
 
-Dispatch is least-loaded on the gManager's view (most free KV blocks, then fewest requests),
-corrected for what the router sent since that view was reported, so a burst of arrivals
-spreads out instead of landing on the instance that looked emptiest. Outputs come back as
+Dispatch is least-loaded on the gManager's view (`control/dispatch.py`). Outputs come back as
 `RequestUpdate` deltas; aborts go to the home by request id. A pump thread keeps the view fresh
 and buffers updates, whether or not the front end is polling.
 """
@@ -16,6 +14,7 @@ import time
 from typing import Optional
 
 from infinite_llm.control import messages as m
+from infinite_llm.control.dispatch import Dispatcher
 from infinite_llm.control.request import Request
 from infinite_llm.transport.base import Endpoint, TransportClosed
 
@@ -24,12 +23,9 @@ class Router:
     def __init__(self, endpoint: Endpoint, num_instances: int, block_size: int) -> None:
         self.endpoint = endpoint
         self.num_instances = num_instances
-        self.block_size = block_size
         self.homes: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._view: dict[int, m.InstanceStatus] = {}
-        # Blocks and requests dispatched per instance since the view last changed.
-        self._sent: list[list[int]] = [[0, 0] for _ in range(num_instances)]
+        self._lock = threading.Lock()  # the pump updates the view the caller's thread reads
+        self._dispatcher = Dispatcher(num_instances, block_size)
         self._updates: queue.SimpleQueue[list[m.RequestUpdate]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._pump, name="router", daemon=True)
         self._thread.start()
@@ -38,7 +34,7 @@ class Router:
     def view(self) -> dict[int, m.InstanceStatus]:
         """instance -> its status as the gManager last reported it."""
         with self._lock:
-            return dict(self._view)
+            return dict(self._dispatcher.view)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until the gManager reported every instance (the cluster can serve and lend)."""
@@ -49,29 +45,16 @@ class Router:
                 raise TimeoutError(f"instances {missing} did not report within {timeout_s:.0f} s")
             time.sleep(0.005)
 
-    def choose_home(self, request: Request) -> int:
-        view = self.view()
-
-        def score(i: int) -> tuple[int, int, int]:
-            status = view.get(i)
-            free = status.num_free if status else 0
-            load = status.load.batch_size + status.load.num_waiting if status else 0
-            return (free - self._sent[i][0], -(load + self._sent[i][1]), -i)
-
-        return max(range(self.num_instances), key=score)
-
     # ------------------------------------------------------------------ requests
     def dispatch(self, request: Request, home: Optional[int] = None) -> int:
         """Send a copy of the request to its home (the caller keeps its own object)."""
-        home = self.choose_home(request) if home is None else home
+        with self._lock:
+            home = self._dispatcher.dispatch(request, home)
         request = copy.copy(request)
         request.prompt_token_ids = list(request.prompt_token_ids)
         request.output_token_ids = list(request.output_token_ids)
         request.home = home
         self.homes[request.request_id] = home
-        with self._lock:
-            self._sent[home][0] += -(-request.num_tokens // self.block_size)
-            self._sent[home][1] += 1
         self.endpoint.send(home, m.AddRequest(request))
         return home
 
@@ -115,7 +98,4 @@ class Router:
                 self._updates.put(message)
             elif isinstance(message, m.ClusterView):
                 with self._lock:
-                    for i, status in message.statuses.items():
-                        if self._view.get(i) != status:  # it reported since: its count includes ours
-                            self._sent[i] = [0, 0]
-                    self._view = message.statuses
+                    self._dispatcher.update_view(message.statuses)

@@ -4,7 +4,7 @@ Every instance is an engine of its own (`SimInstance`: the real `RManager`, `Hom
 `Scheduler` and `HomeMigrations`, stepped in `InstanceEngine.step`'s order) with its own clock:
 the time its loop is free. Nothing steps the cluster as a whole. Events, in time order:
 
-- arrival: the router's rule (`SimRouter`, as `cluster/router.py`) picks a home on the view the
+- arrival: the router's rule (`control/dispatch.py`, shared with `cluster/router.py`) picks a home on the view the
   gManager last sent it (most free blocks, corrected for what it dispatched since); the request
   reaches the home after a link latency.
   A request no instance could ever hold is refused at the front end, as `LLMEngine` does;
@@ -55,7 +55,7 @@ from infinite_llm.sim.cluster import SimClusterSpec, StepCostModel
 from infinite_llm.sim.instance import InstanceSpec, SimInstance
 from infinite_llm.sim.requests import RequestRecord, make_request
 from infinite_llm.sim.results import SimResult, mean
-from infinite_llm.sim.router import SimRouter
+from infinite_llm.control.dispatch import Dispatcher
 
 
 class SimulationStalledError(RuntimeError):
@@ -134,7 +134,7 @@ class Simulator:
                             setup.scheduler, setup.lend_fraction, setup.migration_tokens_per_step, setup.token_id)
         self.instances = [SimInstance(i, spec, self, self._pool_state, self._room) for i in range(n)]
         self.rmanagers = [inst.rm for inst in self.instances]
-        self.router = SimRouter(n, setup.block_size)
+        self.router = Dispatcher(n, setup.block_size)
         self._perf = setup.rebalancer_perf or setup.cost.perf
         self._rebalancer = setup.rebalancer_config()
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []

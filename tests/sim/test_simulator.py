@@ -189,40 +189,6 @@ def test_a_simulator_refuses_a_second_run_and_bad_inputs():
 
 
 # ----------------------------------------------------------------------------- pieces
-def test_the_sim_router_picks_what_the_real_router_picks():
-    from infinite_llm.cluster.router import Router
-    from infinite_llm.control.messages import InstanceLoad, InstanceStatus
-    from infinite_llm.sim.requests import make_request
-    from infinite_llm.sim.router import SimRouter
-    from infinite_llm.transport.base import TransportClosed
-
-    class Closed:
-        def recv(self, timeout=None):
-            raise TransportClosed()
-
-        def send(self, dst, message):
-            pass
-
-        def close(self):
-            pass
-
-    rng = random.Random(0)
-    real, sim = Router(Closed(), 5, BLOCK), SimRouter(5, BLOCK)
-    for step in range(200):
-        if step % 7 == 0:
-            statuses = {i: InstanceStatus(i, 64, rng.randint(0, 64), 0, 0, 0,
-                                          InstanceLoad(batch_size=rng.randint(0, 3), num_waiting=rng.randint(0, 2)))
-                        for i in range(5) if rng.random() < 0.9}
-            sim.update_view(statuses)
-            with real._lock:  # what its pump does with a ClusterView
-                for i, status in statuses.items():
-                    if real._view.get(i) != status:
-                        real._sent[i] = [0, 0]
-                real._view = statuses
-        request = make_request(TraceRequest(f"q{step}", 0.0, rng.randint(1, 100), 4))
-        assert sim.dispatch(request) == real.dispatch(request)
-
-
 def test_the_layout_counts_tokens_per_instance_like_walking_the_table():
     from infinite_llm.control.home_kv import HomeKV
     from infinite_llm.control.plan import BlockRef
