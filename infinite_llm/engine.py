@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 from infinite_llm.cluster.router import Router
 from infinite_llm.config import EngineConfig
-from infinite_llm.control.home_kv import PLACEMENT_POLICIES, lend_cap_for
+from infinite_llm.control.home_kv import PLACEMENT_POLICIES, lend_cap_for, max_tokens_per_request
 from infinite_llm.control.messages import MigrationOrder, RequestUpdate
 from infinite_llm.control.request import FinishReason, Request
 from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError
@@ -129,12 +129,9 @@ class LLMEngine:
         """The longest context (prompt + output) one request can hold under the policy."""
         cache, cluster = self.config.cache, self.config.cluster
         per = cache.num_blocks_per_instance
-        cap = min(per, lend_cap_for(cluster.placement, per, cache.lend_fraction))
-        if cluster.placement == "striped":
-            blocks = per * cluster.num_instances
-        else:
-            blocks = per + (cluster.num_instances - 1) * cap
-        return min(blocks * cache.block_size, self.model_config.max_position_embeddings)
+        cap = lend_cap_for(cluster.placement, per, cache.lend_fraction)
+        tokens = max_tokens_per_request(cluster.placement, cluster.num_instances, per, cap, cache.block_size)
+        return min(tokens, self.model_config.max_position_embeddings)
 
     # ------------------------------------------------------------------ requests
     def add_request(

@@ -52,6 +52,18 @@ def lend_cap_for(placement: str, num_blocks: int, lend_fraction: float) -> int:
     return math.floor(lend_fraction * num_blocks)
 
 
+def max_tokens_per_request(placement: str, num_instances: int, num_blocks_per_instance: int, lend_cap: int,
+                           block_size: int) -> int:
+    """The longest context one request could hold under a policy, with the cluster empty."""
+    if placement == "static" or num_instances == 1:
+        blocks = num_blocks_per_instance
+    elif placement == "striped":
+        blocks = num_blocks_per_instance * num_instances
+    else:
+        blocks = num_blocks_per_instance + (num_instances - 1) * min(lend_cap, num_blocks_per_instance)
+    return blocks * block_size
+
+
 class HomeKV:
     def __init__(self, rmanager: RManager, block_size: int, placement: str, num_instances: int,
                  peers: Optional[PeerLink], lock: Optional[ContextManager] = None) -> None:
@@ -95,13 +107,8 @@ class HomeKV:
 
     def max_tokens_per_request(self, num_blocks_per_instance: int, lend_cap: int) -> int:
         """The longest context one request homed here could hold with the cluster empty."""
-        if self.placement == "static" or self.num_instances == 1:
-            blocks = num_blocks_per_instance
-        elif self.placement == "striped":
-            blocks = num_blocks_per_instance * self.num_instances
-        else:
-            blocks = num_blocks_per_instance + (self.num_instances - 1) * min(lend_cap, num_blocks_per_instance)
-        return blocks * self.block_size
+        return max_tokens_per_request(self.placement, self.num_instances, num_blocks_per_instance, lend_cap,
+                                      self.block_size)
 
     def placement_of(self, request_id: str, num_computed_tokens: int) -> RequestPlacement:
         """What the gManager needs to plan moves of this request."""
