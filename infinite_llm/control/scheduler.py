@@ -29,6 +29,7 @@ from typing import Iterable, Optional
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.home_kv import HomeKV
 from infinite_llm.control.messages import InstanceLoad
+from infinite_llm.control.pacer import PrefillPacer
 from infinite_llm.control.plan import SampleResult, SeqWork
 from infinite_llm.control.request import FinishReason, Request, RequestStatus
 
@@ -133,6 +134,11 @@ class Scheduler:
         return len(self.waiting)
 
     # ---------------------------------------------------------------- scheduling
+    def pace_prefill(self, pacer: PrefillPacer) -> None:
+        """Take the next step's cap on running prompts' chunks from the instance's pacer."""
+        has_decodes = any(self._is_decoding(r) for r in self.running)
+        self.prefill_chunk_cap = pacer.next_cap(has_decodes, has_decodes or self.admission_possible())
+
     def admission_possible(self) -> bool:
         """Requests wait that could be admitted: waiters blocked on memory do not count, since
         holding a running prompt back for them would only stall it (they wait for its blocks)."""

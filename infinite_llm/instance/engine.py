@@ -131,9 +131,7 @@ class InstanceEngine:
         self._apply_inbound()
         running = {r.request_id: r for r in self.scheduler.running}
         self.migrations.commit(running)
-        has_decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.scheduler.running)
-        contended = has_decodes or self.scheduler.admission_possible()
-        self.scheduler.prefill_chunk_cap = self.pacer.next_cap(has_decodes, contended)
+        self.scheduler.pace_prefill(self.pacer)
         out = self.scheduler.schedule()
         self.migrations.issue({r.request_id: r for r in self.scheduler.running})
         if out.preempted:

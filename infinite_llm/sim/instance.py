@@ -137,10 +137,7 @@ class SimInstance:
 
     def _pace_prefill(self) -> None:
         """The engine caps running prompts' chunks from measured step times (PrefillPacer)."""
-        running = self.scheduler.running
-        has_decodes = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
-        contended = has_decodes or self.scheduler.admission_possible()
-        self.scheduler.prefill_chunk_cap = self.pacer.next_cap(has_decodes, contended)
+        self.scheduler.pace_prefill(self.pacer)
 
     def finish_step(self, now: float) -> list[Request]:
         """Apply the in-flight step's results; returns the requests it finished."""
