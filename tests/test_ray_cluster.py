@@ -17,7 +17,10 @@ ray = pytest.importorskip("ray")
 
 def test_ray_instances_serve_request_larger_than_one_instance(tmp_path):
     write_tiny_checkpoint(tmp_path, arch="llama", seed=11)
-    llm = make_llm(tmp_path, instances=2, blocks=6, batched_tokens=16, backend="ray")
+    # The home steps slowly so that the migration ordered below lands while "m" still decodes
+    # (a copy ordered for a finished request is dropped), even on a loaded 2-core machine.
+    llm = make_llm(tmp_path, instances=2, blocks=6, batched_tokens=16, backend="ray",
+                   debug_step_delay_s={0: 0.1})
     try:
         prompt = [3 + (i * 13) % 150 for i in range(60)]  # 60 + 12 tokens > 48 slots per instance
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
