@@ -200,6 +200,13 @@ class AsyncLLMEngine:
     def dead_error(self) -> Optional[BaseException]:
         return self._dead
 
+    def instance_health(self) -> list[dict]:
+        """Per-instance liveness (safe from any thread: it comes from the gManager's view)."""
+        return self.engine.instance_health() if self.engine is not None else []
+
+    def can_serve(self) -> bool:
+        return self.is_healthy and self.engine is not None and self.engine.can_serve()
+
     def latest_stats(self) -> Optional["EngineStats"]:
         """The cluster's stats as the gManager last heard them (safe from any thread: they come
         from heartbeats, not from the engine thread's state)."""

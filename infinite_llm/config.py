@@ -94,6 +94,9 @@ class ClusterConfig:
     migration_tokens_per_step: int = 256
     # Instances report to the gManager on this period (from a thread compute cannot block).
     heartbeat_interval_s: float = 0.1
+    # An instance whose heartbeats (or whose step loop) stop for this long is declared dead; its
+    # requests are recomputed on the others.
+    instance_timeout_s: float = 5.0
     # A home gives up on a holder's attention partial after this long (the step's requests fail).
     attention_timeout_s: float = 60.0
     # Test hook, off by default: instance -> extra seconds slept in every step (a straggler).

@@ -15,7 +15,8 @@ from typing import Optional, Sequence, Union
 from infinite_llm.cluster.router import Router
 from infinite_llm.config import EngineConfig
 from infinite_llm.control.home_kv import PLACEMENT_POLICIES, lend_cap_for, max_tokens_per_request
-from infinite_llm.control.messages import MigrationOrder, RequestUpdate
+from infinite_llm.control.dispatch import NoLiveInstanceError
+from infinite_llm.control.messages import InstanceDown, MigrationOrder, RequestUpdate
 from infinite_llm.control.request import FinishReason, Request
 from infinite_llm.control.scheduler import QueueFullError, RequestTooLongError
 from infinite_llm.detokenizer import IncrementalDetokenizer
@@ -26,6 +27,8 @@ __all__ = [
     "LLM",
     "RequestOutput",
     "EngineStats",
+    "FailureStats",
+    "NoLiveInstanceError",
     "QueueFullError",
     "RequestTooLongError",
     "SamplingParams",
@@ -53,6 +56,15 @@ class RequestOutput:
 
 
 @dataclass
+class FailureStats:
+    """What instance failures cost so far (cumulative)."""
+
+    num_instance_failures: int = 0
+    num_redispatched_requests: int = 0  # homed on a dead instance, recomputed on another
+    recovery_seconds: list[float] = field(default_factory=list)  # death known -> first new token
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -60,6 +72,8 @@ class EngineStats:
     num_steps: int = 0
     num_preemptions: int = 0
     num_migrated_blocks: int = 0
+    num_recomputed_on_home: int = 0  # requests recomputed by their homes after a holder died
+    failures: FailureStats = field(default_factory=FailureStats)
 
 
 @dataclass
@@ -71,6 +85,7 @@ class _Tracked:
     finished: bool = False
     error: Optional[str] = None
     reported_tokens: int = 0  # output tokens handed out so far (for delta outputs)
+    recovering_since: Optional[float] = None  # re-dispatched after its home died, no token yet
 
 
 class LLMEngine:
@@ -112,6 +127,7 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []
         self._ids = itertools.count()
         self.num_steps = 0
+        self.failures = FailureStats()
 
     def _start_cluster(self):
         backend = self.config.cluster.backend
@@ -167,11 +183,11 @@ class LLMEngine:
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             max_total_tokens=capacity,
         )
-        self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params))
-        self._awaiting_first_token.add(request_id)
         if home is not None and not 0 <= home < self.config.cluster.num_instances:
             raise ValueError(f"home instance {home} out of range (cluster has {self.config.cluster.num_instances})")
         request.home = self.router.dispatch(request, home)
+        self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params))
+        self._awaiting_first_token.add(request_id)
         return request_id
 
     def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
@@ -211,9 +227,12 @@ class LLMEngine:
         if updates:
             self.num_steps += 1
         for update in updates:
+            if isinstance(update, InstanceDown):
+                outputs.extend(self._redispatch_from(update.instance))
+                continue
             tracked = self._requests.get(update.request_id)
-            if tracked is None or tracked.finished:
-                continue  # e.g. the update of a request finished here by a stop string
+            if tracked is None or tracked.finished or update.instance != tracked.request.home:
+                continue  # finished here (e.g. by a stop string), or a report from a former home
             output = self._apply(tracked, update)
             if output is not None:
                 outputs.append(output)
@@ -222,8 +241,32 @@ class LLMEngine:
                 self._requests.pop(out.request_id, None)
         return outputs
 
+    def _redispatch_from(self, dead: int) -> list[RequestOutput]:
+        """Recompute the requests homed on a dead instance on live ones: each new home gets the
+        prompt and every token generated so far, so its stream goes on with no gap and no
+        repeat. Returns the final outputs of those that cannot be placed anywhere."""
+        self.failures.num_instance_failures += 1
+        failed = []
+        now = time.monotonic()
+        for tracked in self._requests.values():
+            request = tracked.request
+            if tracked.finished or request.home != dead:
+                continue
+            try:
+                request.home = self.router.dispatch(request)
+            except NoLiveInstanceError as exc:
+                self._finish(tracked, FinishReason.ABORT, error=f"instance {dead} died and {exc}")
+                failed.append(self._output(tracked, tracked.detok.flush()))
+                continue
+            tracked.recovering_since = now
+            self.failures.num_redispatched_requests += 1
+        return failed
+
     def _apply(self, tracked: _Tracked, update: RequestUpdate) -> Optional[RequestOutput]:
         request = tracked.request
+        if tracked.recovering_since is not None and update.new_token_ids:
+            self.failures.recovery_seconds.append(time.monotonic() - tracked.recovering_since)
+            tracked.recovering_since = None
         request.output_token_ids.extend(update.new_token_ids)
         request.num_preemptions = update.num_preemptions
         request.first_token_time = request.first_token_time or update.first_token_time
@@ -276,21 +319,41 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Cluster figures as the gManager last heard them (lag: one heartbeat period)."""
         per_instance = []
-        running = waiting = preemptions = migrated = 0
+        running = waiting = preemptions = migrated = recomputed = 0
         for i, s in sorted(self.router.view().items()):
-            running += s.load.batch_size
-            waiting += s.load.num_waiting
+            recomputed += s.load.num_recomputed
+            if s.state != "dead":  # a dead instance's last report is not running anything
+                running += s.load.batch_size
+                waiting += s.load.num_waiting
             preemptions += s.load.num_preemptions
             migrated += s.load.num_migrated_blocks
             per_instance.append({
                 "instance": i, "blocks_total": s.num_blocks, "blocks_used": s.num_blocks - s.num_free,
                 "blocks_free": s.num_free, "blocks_lent": s.num_lent, "blocks_borrowed": s.num_borrowed,
-                "num_steps": s.load.num_steps,
+                "num_steps": s.load.num_steps, "state": s.state,
             })
         return EngineStats(
             num_running=running, num_waiting=waiting, per_instance=per_instance, num_steps=self.num_steps,
-            num_preemptions=preemptions, num_migrated_blocks=migrated,
+            num_preemptions=preemptions, num_migrated_blocks=migrated, num_recomputed_on_home=recomputed,
+            failures=FailureStats(self.failures.num_instance_failures, self.failures.num_redispatched_requests,
+                                  list(self.failures.recovery_seconds)),
         )
+
+    def instance_health(self) -> list[dict]:
+        """Per instance: its state ("starting", "alive", "suspect" or "dead") and the age of its
+        latest heartbeat, as the gManager last judged them."""
+        view = self.router.view()
+        health = []
+        for i in range(self.config.cluster.num_instances):
+            status = view.get(i)
+            state = "dead" if i in self.router.dead else (status.state if status else "starting")
+            age = round(status.heartbeat_age_s, 3) if status else None
+            health.append({"instance": i, "state": state, "last_heartbeat_age_s": age})
+        return health
+
+    def can_serve(self) -> bool:
+        """Some instance is alive (or only late with its heartbeats)."""
+        return any(h["state"] in ("alive", "suspect") for h in self.instance_health())
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

@@ -36,6 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="the gManager plans KV migrations this often (infinite policy)")
     g.add_argument("--heartbeat-interval-s", type=float, default=0.1,
                    help="instances report block counts and load to the gManager this often")
+    g.add_argument("--instance-timeout", type=float, default=5.0, dest="instance_timeout_s",
+                   help="declare an instance dead when its heartbeats or step loop stop this long (s); "
+                        "its requests are then recomputed on the other instances")
     g.add_argument("--migration-tokens-per-step", type=int, default=256)
     g.add_argument("--perf-model", default=None, help="profiled perf model JSON (from `infinite-llm profile`)")
     g.add_argument("--seed", type=int, default=0)
@@ -59,6 +62,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             placement=args.placement,
             rebalance_interval_s=args.rebalance_interval_s,
             heartbeat_interval_s=args.heartbeat_interval_s,
+            instance_timeout_s=args.instance_timeout_s,
             migration_tokens_per_step=args.migration_tokens_per_step,
             perf_model_path=args.perf_model,
         ),

@@ -54,6 +54,21 @@ class ServingMetrics:
             f"{_PREFIX}_request_finished", "Finished requests by finish reason", ["model_name", "finish_reason"],
             registry=r,
         )
+        self.instance_failures = Counter(
+            f"{_PREFIX}_instance_failures", "Instances declared dead", labels, registry=r
+        )
+        self.recomputed_requests = Counter(
+            f"{_PREFIX}_recomputed_requests", "Requests recomputed because an instance holding them died "
+            "(re-dispatched from a dead home, or recomputed by a home that lost a creditor)", labels, registry=r,
+        )
+        self.recovery = Histogram(
+            f"{_PREFIX}_failure_recovery_seconds", "From an instance's death being known to the first token of "
+            "a request re-dispatched from it", labels, buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.instance_up = Gauge(
+            f"{_PREFIX}_instance_up", "1 if the instance is alive (or only late), 0 if dead", inst, registry=r
+        )
+        self._failures_seen = (0, 0, 0)  # failures, recomputed, recovery observations already counted
 
     # ---------------------------------------------------------------- observations
     def observe_prompt(self, num_tokens: int) -> None:
@@ -93,6 +108,21 @@ class ServingMetrics:
             self.kv_blocks_used.labels(self.model_name, instance).set(entry.get("blocks_used", 0))
             self.kv_blocks_lent.labels(self.model_name, instance).set(entry.get("blocks_lent", 0))
             self.kv_blocks_borrowed.labels(self.model_name, instance).set(entry.get("blocks_borrowed", 0))
+            self.instance_up.labels(self.model_name, instance).set(0 if entry.get("state") == "dead" else 1)
+        failures = getattr(stats, "failures", None)
+        if failures is not None:
+            self._count_failures(failures, getattr(stats, "num_recomputed_on_home", 0))
+
+    def _count_failures(self, failures: Any, recomputed_on_home: int) -> None:
+        """Counters from the engine's cumulative figures: add what is new since the last scrape."""
+        seen_failures, seen_recomputed, seen_recoveries = self._failures_seen
+        recomputed = failures.num_redispatched_requests + recomputed_on_home
+        self.instance_failures.labels(self.model_name).inc(max(0, failures.num_instance_failures - seen_failures))
+        self.recomputed_requests.labels(self.model_name).inc(max(0, recomputed - seen_recomputed))
+        for seconds in failures.recovery_seconds[seen_recoveries:]:
+            self.recovery.labels(self.model_name).observe(seconds)
+        self._failures_seen = (max(seen_failures, failures.num_instance_failures), max(seen_recomputed, recomputed),
+                               max(seen_recoveries, len(failures.recovery_seconds)))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

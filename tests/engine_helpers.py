@@ -27,11 +27,12 @@ def prompts(seed: int, lengths: list[int], vocab: int = 200) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
-def assert_all_free(llm: LLM, timeout_s: float = 10.0) -> None:
-    """Once the messages in flight land: invariants hold and no block is used anywhere."""
+def assert_all_free(llm: LLM, timeout_s: float = 10.0, exclude: tuple[int, ...] = ()) -> None:
+    """Once the messages in flight land: invariants hold and no block is used anywhere (on the
+    instances not in `exclude`: a dead instance's pool died with it)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        states = llm.engine.cluster.control_states()
+        states = llm.engine.cluster.control_states(exclude)
         try:
             check_cluster([rm for rm, _ in states], [tables for _, tables in states])
             for rm, _ in states:

@@ -1,6 +1,10 @@
 """The gManager as a service: its own thread and mailbox (heartbeats in; creditor answers,
 migration orders and the cluster view for the router out). It runs in the driver process
-(embedded default) or as a Ray actor; either way it is reached only by messages."""
+(embedded default) or as a Ray actor; either way it is reached only by messages.
+
+On every view period it also checks liveness; an instance it declares dead is announced to
+every instance and the router with `InstanceDown` (see `control/gmanager.py` for the rules).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ logger = logging.getLogger(__name__)
 class GManagerService:
     def __init__(self, endpoint: Endpoint, num_instances: int, perf: PerfModel, block_size: int,
                  rebalance: bool, rebalance_interval_s: float, view_interval_s: float = 0.05,
-                 heartbeat_timeout_s: float = 10.0, copy_s_per_block: float = 0.0) -> None:
+                 heartbeat_timeout_s: float = 5.0, copy_s_per_block: float = 0.0) -> None:
         self.endpoint = endpoint
         self.gm = GManager(num_instances, heartbeat_timeout_s)
         self.perf = perf
@@ -32,6 +36,7 @@ class GManagerService:
         self.rebalance_interval_s = rebalance_interval_s
         self.view_interval_s = view_interval_s
         self.num_orders_sent = 0
+        self.failures: list[tuple[int, str, float]] = []  # (instance, reason, when declared dead)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -59,6 +64,8 @@ class GManagerService:
                     self._handle(message)
                 now = time.monotonic()
                 if now >= next_view:
+                    for instance, reason in self.gm.check_liveness(now):
+                        self._announce_down(instance, reason)
                     self._send_view()
                     next_view = now + self.view_interval_s
                 if self.rebalance and now >= next_plan:
@@ -71,16 +78,37 @@ class GManagerService:
 
     def _handle(self, message: object) -> None:
         if isinstance(message, m.Heartbeat):
+            if message.instance in self.gm.dead:  # a wedged instance resumed: it must stop
+                self.endpoint.send(message.instance, m.InstanceDown(message.instance, self.gm.dead[message.instance]))
+                return
             self.gm.heartbeat(message, time.monotonic())
+        elif isinstance(message, m.InstanceFailed):
+            if self.gm.declare_dead(message.instance, message.reason):
+                self._announce_down(message.instance, message.reason)
         elif isinstance(message, m.CreditorQuery):
             candidates = self.gm.candidate_creditors(message.instance, message.num_blocks, time.monotonic())
             self.endpoint.send(message.instance, m.CreditorReply(message.tag, candidates))
         elif isinstance(message, m.Stop):
             self._stop.set()
 
+    def _announce_down(self, instance: int, reason: str) -> None:
+        """Tell everyone (the dead instance too, in case it was only wedged)."""
+        logger.warning("gManager: instance %d declared dead: %s", instance, reason)
+        self.failures.append((instance, reason, time.monotonic()))
+        down = m.InstanceDown(instance, reason)
+        for peer in [m.ROUTER, *range(self.gm.num_instances)]:
+            try:
+                self.endpoint.send(peer, down)
+            except TransportClosed:
+                raise
+            except Exception:  # noqa: BLE001 - an unreachable peer must not stop the announcement
+                logger.warning("gManager: could not tell %r that instance %d is dead", peer, instance)
+
     def _send_view(self) -> None:
+        now = time.monotonic()
         statuses = {
-            i: s.status() for i in range(self.gm.num_instances) if (s := self.gm.status(i)) is not None
+            i: s.status(self.gm.liveness(i, now), self.gm.heartbeat_age(i, now))
+            for i in range(self.gm.num_instances) if (s := self.gm.status(i)) is not None
         }
         self.endpoint.send(m.ROUTER, m.ClusterView(statuses))
 

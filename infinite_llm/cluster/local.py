@@ -4,6 +4,7 @@ through the in-process transport (the same messages as across processes)."""
 from __future__ import annotations
 
 import os
+from typing import Collection
 
 from infinite_llm.config import EngineConfig, ModelConfig
 from infinite_llm.cluster.gmanager_service import GManagerService
@@ -29,7 +30,7 @@ def make_gmanager(endpoint, config: EngineConfig, model_config: ModelConfig) -> 
     return GManagerService(
         endpoint, cluster.num_instances, perf_model_for(config, model_config), config.cache.block_size,
         rebalance=cluster.placement == "infinite", rebalance_interval_s=cluster.rebalance_interval_s,
-        copy_s_per_block=copy_s_per_block(config, model_config),
+        copy_s_per_block=copy_s_per_block(config, model_config), heartbeat_timeout_s=cluster.instance_timeout_s,
     )
 
 
@@ -59,12 +60,15 @@ class LocalCluster:
         for instance in self.instances:
             instance.start()
 
-    def control_states(self) -> list:
-        """(rManager, tables) of every instance, for invariant checks (quiesce first)."""
+    def control_states(self, exclude: Collection[int] = ()) -> list:
+        """(rManager, tables) of every instance but `exclude` (e.g. dead ones), for invariant
+        checks (quiesce first)."""
         from infinite_llm.control.invariants import HomeTables
 
         states = []
         for instance in self.instances:
+            if instance.rank in exclude:
+                continue
             with instance.lock:
                 states.append((instance.rm, HomeTables.of(instance.kv)))
         return states

@@ -5,16 +5,24 @@ per-step traffic. Each actor binds a ZeroMQ endpoint, the driver gathers every a
 router's too) and hands the full map to every actor, after which any pair talks directly.
 With no `ray_address` an embedded local Ray is started (the default); with one (e.g. "auto")
 the instances are placed on an existing cluster, one per GPU when the device is CUDA.
+
+A watcher thread keeps one long call (`wait_stopped`) open on every instance actor: when Ray
+reports the actor dead (its process was killed or crashed), the watcher tells the gManager at
+once with `InstanceFailed`, instead of waiting for the heartbeat timeout.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Optional
+import threading
+from typing import Collection, Optional
 
 from infinite_llm.cluster.local import make_gmanager
 from infinite_llm.config import EngineConfig, ModelConfig
-from infinite_llm.control.messages import GMANAGER, ROUTER
+from infinite_llm.control.messages import GMANAGER, ROUTER, InstanceFailed
+
+logger = logging.getLogger(__name__)
 
 
 class _InstanceActor:
@@ -33,6 +41,7 @@ class _InstanceActor:
         self.num_threads = num_threads
         self.endpoint = ZmqEndpoint(rank, bind_host=ray.util.get_node_ip_address())
         self.engine = None
+        self._stopped = threading.Event()
 
     def address(self) -> str:
         return self.endpoint.address
@@ -64,7 +73,15 @@ class _InstanceActor:
         with self.engine.lock:
             return self.engine.rm, HomeTables.of(self.engine.kv)
 
+    def is_fenced(self) -> bool:
+        return self.engine is not None and self.engine.fenced
+
+    def wait_stopped(self) -> None:
+        """Returns when the actor is stopped; errors (in the caller) when its process dies."""
+        self._stopped.wait()
+
     def stop(self) -> None:
+        self._stopped.set()
         if self.engine is not None:
             self.engine.stop()
 
@@ -99,9 +116,12 @@ class RayCluster:
 
         cluster = config.cluster
         n = cluster.num_instances
+        self._closing = threading.Event()
         self._started_ray = self._init_ray(cluster.ray_address, n)
         on_gpu = cluster.device.startswith("cuda")
-        actor_cls = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0)(_InstanceActor)
+        # max_concurrency: `wait_stopped` stays open while the other calls are served.
+        actor_cls = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0,
+                               max_concurrency=4)(_InstanceActor)
         num_threads = max(1, (os.cpu_count() or 1) // n)
         self.actors = [actor_cls.remote(rank, config, model_path, model_config, num_threads) for rank in range(n)]
         self.gmanager = ray.remote(num_cpus=0)(_GManagerActor).remote(config, model_config)
@@ -112,6 +132,29 @@ class RayCluster:
         self.router_endpoint.connect(peers)
         ray.get(self.gmanager.start.remote(peers), timeout=60)
         self.pids = ray.get([a.start.remote(peers) for a in self.actors], timeout=300)
+        self._watcher = threading.Thread(target=self._watch_actors, name="ray-actor-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch_actors(self) -> None:
+        import ray
+
+        pending = {actor.wait_stopped.remote(): rank for rank, actor in enumerate(self.actors)}
+        while pending and not self._closing.is_set():
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                    continue  # stopped on purpose
+                except Exception as exc:  # noqa: BLE001 - RayActorError and kin: the process is gone
+                    reason = f"Ray reports its actor died ({type(exc).__name__})"
+                if self._closing.is_set():
+                    return
+                logger.warning("instance %d: %s", rank, reason)
+                try:
+                    self.router_endpoint.send(GMANAGER, InstanceFailed(rank, reason))
+                except Exception:  # noqa: BLE001 - the heartbeat timeout still catches it
+                    logger.exception("could not report instance %d dead", rank)
 
     @staticmethod
     def _init_ray(address: Optional[str], num_instances: int) -> bool:
@@ -128,14 +171,22 @@ class RayCluster:
                  log_to_driver=False, configure_logging=False)
         return True
 
-    def control_states(self) -> list:
+    def control_states(self, exclude: Collection[int] = ()) -> list:
         import ray
 
-        return ray.get([a.control_state.remote() for a in self.actors], timeout=60)
+        live = [a for rank, a in enumerate(self.actors) if rank not in exclude]
+        return ray.get([a.control_state.remote() for a in live], timeout=60)
+
+    def is_fenced(self, rank: int) -> bool:
+        """Whether the instance stopped itself after learning it had been declared dead."""
+        import ray
+
+        return ray.get(self.actors[rank].is_fenced.remote(), timeout=30)
 
     def shutdown(self) -> None:
         import ray
 
+        self._closing.set()
         if not ray.is_initialized():
             return
         actors = self.actors + [self.gmanager]

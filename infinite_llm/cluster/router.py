@@ -1,8 +1,12 @@
 """The router: hands each new request to a home instance and collects its token stream.
 
-Dispatch is least-loaded on the gManager's view (`control/dispatch.py`). Outputs come back as
-`RequestUpdate` deltas; aborts go to the home by request id. A pump thread keeps the view fresh
-and buffers updates, whether or not the front end is polling.
+Dispatch is least-loaded on the gManager's view (`control/dispatch.py`), over live instances
+only. Outputs come back as `RequestUpdate` deltas; aborts go to the home by request id. A pump
+thread keeps the view fresh and buffers updates, whether or not the front end is polling.
+
+When the gManager announces an instance dead, the pump queues the `InstanceDown` in order with
+the updates (so the front end has applied everything the instance reported before it) and drops
+whatever that instance sends afterwards; the front end re-dispatches its requests.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class Router:
         self.homes: dict[str, int] = {}
         self._lock = threading.Lock()  # the pump updates the view the caller's thread reads
         self._dispatcher = Dispatcher(num_instances, block_size)
-        self._updates: queue.SimpleQueue[list[m.RequestUpdate]] = queue.SimpleQueue()
+        self.dead: set[int] = set()
+        self._updates: queue.SimpleQueue[list[m.RequestUpdate] | m.InstanceDown] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._pump, name="router", daemon=True)
         self._thread.start()
 
@@ -35,6 +40,9 @@ class Router:
         """instance -> its status as the gManager last reported it."""
         with self._lock:
             return dict(self._dispatcher.view)
+
+    def live_instances(self) -> list[int]:
+        return [i for i in range(self.num_instances) if i not in self.dead]
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until the gManager reported every instance (the cluster can serve and lend)."""
@@ -47,9 +55,13 @@ class Router:
 
     # ------------------------------------------------------------------ requests
     def dispatch(self, request: Request, home: Optional[int] = None) -> int:
-        """Send a copy of the request to its home (the caller keeps its own object)."""
+        """Send a copy of the request (with the tokens generated so far, which its new home
+        recomputes) to its home; the caller keeps its own object. Raises NoLiveInstanceError
+        when every instance is dead, ValueError for a dead `home`."""
         with self._lock:
-            home = self._dispatcher.dispatch(request, home)
+            if home is not None and home in self.dead:
+                raise ValueError(f"instance {home} is dead")
+            home = self._dispatcher.dispatch(request, home, exclude=self.dead)
         request = copy.copy(request)
         request.prompt_token_ids = list(request.prompt_token_ids)
         request.output_token_ids = list(request.output_token_ids)
@@ -70,19 +82,23 @@ class Router:
             raise ValueError(f"request {order.request_id!r} is not running")
         self.endpoint.send(home, order)
 
-    def poll(self, timeout_s: Optional[float]) -> list[m.RequestUpdate]:
-        """Updates that arrived (waits up to `timeout_s` for the first one)."""
-        updates: list[m.RequestUpdate] = []
+    def poll(self, timeout_s: Optional[float]) -> list[m.RequestUpdate | m.InstanceDown]:
+        """Updates and instance deaths, in arrival order (waits up to `timeout_s` for the first)."""
+        items: list[m.RequestUpdate | m.InstanceDown] = []
         try:
-            updates.extend(self._updates.get(timeout=timeout_s) if timeout_s else self._updates.get_nowait())
+            got = self._updates.get(timeout=timeout_s) if timeout_s else self._updates.get_nowait()
             while True:
-                updates.extend(self._updates.get_nowait())
+                if isinstance(got, list):
+                    items.extend(got)
+                else:
+                    items.append(got)
+                got = self._updates.get_nowait()
         except queue.Empty:
             pass
-        for update in updates:
-            if update.finished:
-                self.homes.pop(update.request_id, None)
-        return updates
+        for item in items:
+            if isinstance(item, m.RequestUpdate) and item.finished and self.homes.get(item.request_id) == item.instance:
+                self.homes.pop(item.request_id, None)
+        return items
 
     def close(self) -> None:
         self.endpoint.close()
@@ -94,7 +110,13 @@ class Router:
                 message = self.endpoint.recv(timeout=1.0)
             except TransportClosed:
                 return
-            if isinstance(message, list):
+            if m.sender_of(message) in self.dead:
+                continue  # fenced: a dead instance's late reports
+            if isinstance(message, m.InstanceDown):
+                with self._lock:
+                    self.dead.add(message.instance)
+                self._updates.put(message)
+            elif isinstance(message, list):
                 self._updates.put(message)
             elif isinstance(message, m.ClusterView):
                 with self._lock:

@@ -7,10 +7,14 @@ burst of arrivals spreads out instead of landing on the instance that looked emp
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Collection, Optional
 
 from infinite_llm.control.messages import InstanceStatus
 from infinite_llm.control.request import Request
+
+
+class NoLiveInstanceError(RuntimeError):
+    """Every instance of the cluster is dead."""
 
 
 class Dispatcher:
@@ -27,18 +31,23 @@ class Dispatcher:
                 self._sent[i] = [0, 0]
         self.view = dict(statuses)
 
-    def choose_home(self) -> int:
+    def choose_home(self, exclude: Collection[int] = ()) -> int:
+        """The least-loaded instance that is neither excluded nor reported dead."""
         def score(i: int) -> tuple[int, int, int]:
             status = self.view.get(i)
             free = status.num_free if status else 0
             load = status.load.batch_size + status.load.num_waiting if status else 0
             return (free - self._sent[i][0], -(load + self._sent[i][1]), -i)
 
-        return max(range(self.num_instances), key=score)
+        live = [i for i in range(self.num_instances)
+                if i not in exclude and not (i in self.view and self.view[i].state == "dead")]
+        if not live:
+            raise NoLiveInstanceError("no instance is alive to serve the request")
+        return max(live, key=score)
 
-    def dispatch(self, request: Request, home: Optional[int] = None) -> int:
-        """The request's home (the least-loaded one unless given), counted as sent there."""
-        home = self.choose_home() if home is None else home
+    def dispatch(self, request: Request, home: Optional[int] = None, exclude: Collection[int] = ()) -> int:
+        """The request's home (the least-loaded live one unless given), counted as sent there."""
+        home = self.choose_home(exclude) if home is None else home
         self._sent[home][0] += -(-request.num_tokens // self.block_size)
         self._sent[home][1] += 1
         return home

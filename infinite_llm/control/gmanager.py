@@ -9,10 +9,17 @@ whose moves go to the requests' homes as `MigrationOrder`s.
 
 Its view lags the instances by up to one heartbeat period: a creditor it names may have lent
 its blocks meanwhile and refuse, and the home then asks the next candidate.
+
+It also judges liveness. An instance is "suspect" once its heartbeats are a third of the
+timeout late, and "dead" when they stop for `heartbeat_timeout_s`, when its step loop has not
+gone round for that long (a wedged loop; the heartbeat thread still beats), or at once when
+someone reports it failed. Dead is final: the id is never reused, its later heartbeats are
+ignored, and its requests are forgotten here (their homes or the router recompute them).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Iterable, Optional
 
@@ -32,12 +39,16 @@ class GManager:
         self._status: list[Optional[Heartbeat]] = [None] * num_instances
         self._received_at: list[float] = [0.0] * num_instances
         self._placements: dict[str, RequestPlacement] = {}
+        self.dead: dict[int, str] = {}  # instance -> why it was declared dead
 
     # ---------------------------------------------------------------- heartbeats
     def heartbeat(self, beat: Heartbeat, now: float) -> bool:
-        """Record a heartbeat received at `now`; an older one than the latest of that instance
-        is ignored (False). Its placement changes update the debt ledger."""
+        """Record a heartbeat received at `now`; an older one than the latest of that instance,
+        or one from a dead instance, is ignored (False). Its placement changes update the debt
+        ledger."""
         self._check_instance(beat.instance)
+        if beat.instance in self.dead:
+            return False
         current = self._status[beat.instance]
         if current is not None and beat.seq <= current.seq:
             return False
@@ -56,11 +67,61 @@ class GManager:
         return self._status[instance_id]
 
     def alive_instances(self, now: float) -> list[int]:
-        """Instances heard from at most `heartbeat_timeout_s` ago."""
+        """Instances heard from at most `heartbeat_timeout_s` ago and not declared dead."""
         return [
             i for i, s in enumerate(self._status)
-            if s is not None and now - self._received_at[i] <= self.heartbeat_timeout_s
+            if s is not None and i not in self.dead and now - self._received_at[i] <= self.heartbeat_timeout_s
         ]
+
+    # ---------------------------------------------------------------- liveness
+    def heartbeat_age(self, instance_id: int, now: float) -> float:
+        """Seconds since the instance's latest heartbeat arrived (inf: never heard from)."""
+        if self._status[instance_id] is None:
+            return math.inf
+        return now - self._received_at[instance_id]
+
+    def liveness(self, instance_id: int, now: float) -> str:
+        """"alive", "suspect" (heartbeats late), "dead", or "starting" (never heard from)."""
+        self._check_instance(instance_id)
+        if instance_id in self.dead:
+            return "dead"
+        if self._status[instance_id] is None:
+            return "starting"
+        late = self.heartbeat_age(instance_id, now) > self.heartbeat_timeout_s / 3
+        return "suspect" if late or self._loop_age(instance_id, now) > self.heartbeat_timeout_s / 3 else "alive"
+
+    def _loop_age(self, instance_id: int, now: float) -> float:
+        beat = self._status[instance_id]
+        return beat.loop_age_s + self.heartbeat_age(instance_id, now) if beat is not None else 0.0
+
+    def check_liveness(self, now: float) -> list[tuple[int, str]]:
+        """Declare dead every instance whose heartbeats or step loop stopped for the timeout;
+        returns (instance, reason) for each newly dead one."""
+        newly = []
+        for i, beat in enumerate(self._status):
+            if beat is None or i in self.dead:
+                continue
+            if self.heartbeat_age(i, now) > self.heartbeat_timeout_s:
+                reason = f"no heartbeat for {self.heartbeat_age(i, now):.1f} s"
+            elif self._loop_age(i, now) > self.heartbeat_timeout_s:
+                reason = f"step loop stalled for {self._loop_age(i, now):.1f} s"
+            else:
+                continue
+            self.declare_dead(i, reason)
+            newly.append((i, reason))
+        return newly
+
+    def declare_dead(self, instance_id: int, reason: str) -> bool:
+        """Mark the instance dead (False if it already was) and forget the requests homed on it
+        and the placements that count blocks on it: their homes report again after recovery."""
+        self._check_instance(instance_id)
+        if instance_id in self.dead:
+            return False
+        self.dead[instance_id] = reason
+        for request_id, placed in list(self._placements.items()):
+            if placed.home == instance_id or instance_id in placed.tokens_by_instance:
+                del self._placements[request_id]
+        return True
 
     # ------------------------------------------------------------- placement map
     def placement(self, request_id: str) -> dict[int, int]:
@@ -109,7 +170,7 @@ class GManager:
         """The rebalancer's inputs, as the heartbeats describe the cluster."""
         views = []
         for i, s in enumerate(self._status):
-            if s is None:
+            if s is None or i in self.dead:
                 continue
             load = s.load
             if load.num_waiting:

@@ -105,10 +105,12 @@ class HomeKV:
         have = len(self._tables.get(request_id, []))
         return max(0, -(-total_tokens // self.block_size) - have)
 
-    def max_tokens_per_request(self, num_blocks_per_instance: int, lend_cap: int) -> int:
-        """The longest context one request homed here could hold with the cluster empty."""
-        return max_tokens_per_request(self.placement, self.num_instances, num_blocks_per_instance, lend_cap,
-                                      self.block_size)
+    def max_tokens_per_request(self, num_blocks_per_instance: int, lend_cap: int,
+                               num_instances: Optional[int] = None) -> int:
+        """The longest context one request homed here could hold with the cluster (or its
+        `num_instances` live members) empty."""
+        n = self.num_instances if num_instances is None else num_instances
+        return max_tokens_per_request(self.placement, n, num_blocks_per_instance, lend_cap, self.block_size)
 
     def placement_of(self, request_id: str, num_computed_tokens: int) -> RequestPlacement:
         """What the gManager needs to plan moves of this request."""

@@ -14,6 +14,10 @@ protocols below rely on exactly that:
   `CreditorQuery` -> `CreditorReply`; gManager -> home: `MigrationOrder`.
 - migration data: home -> source holder `CopyBlock`, source -> target `BlockData`,
   target -> home `CopyDone`.
+- membership: a crashing instance (or the launcher that saw its process die) -> gManager
+  `InstanceFailed`; gManager -> every instance and the router `InstanceDown` once it declares an
+  instance dead. Instance ids are never reused, so an id is also the generation that fences a
+  dead instance's late messages (`sender_of`).
 """
 
 from __future__ import annotations
@@ -161,11 +165,13 @@ class InstanceLoad:
     num_preemptions: int = 0
     num_migrated_blocks: int = 0
     num_guest_queries: int = 0
+    num_recomputed: int = 0  # requests recomputed here because a peer holding their KV died
 
 
 @dataclass
 class InstanceStatus:
-    """One instance's block counts and load, as its latest heartbeat reported them."""
+    """One instance's block counts and load, as its latest heartbeat reported them, and its
+    liveness as the gManager judges it ("alive", "suspect": heartbeats late, "dead")."""
 
     instance: int
     num_blocks: int
@@ -174,6 +180,8 @@ class InstanceStatus:
     num_borrowed: int
     lendable: int
     load: InstanceLoad
+    state: str = "alive"
+    heartbeat_age_s: float = 0.0
 
 
 @dataclass
@@ -190,10 +198,13 @@ class Heartbeat:
     # Placement changes since the previous heartbeat (changed or new requests, and gone ones).
     placements: list[RequestPlacement] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    # Seconds since the step loop last went round: a loop hung in a kernel or a deadlock shows
+    # here even though this thread still beats.
+    loop_age_s: float = 0.0
 
-    def status(self) -> InstanceStatus:
+    def status(self, state: str = "alive", heartbeat_age_s: float = 0.0) -> InstanceStatus:
         return InstanceStatus(self.instance, self.num_blocks, self.num_free, self.num_lent, self.num_borrowed,
-                              self.lendable, self.load)
+                              self.lendable, self.load, state, heartbeat_age_s)
 
 
 @dataclass
@@ -242,6 +253,7 @@ class CopyBlock:
 @dataclass
 class BlockData:
     tag: int
+    src: int
     home: int
     request_id: str
     dst_block: int
@@ -251,10 +263,45 @@ class BlockData:
 @dataclass
 class CopyDone:
     tag: int
+    holder: int  # the copy's target
     request_id: str
     ok: bool = True
+
+
+# ------------------------------------------------------------------ membership
+@dataclass
+class InstanceFailed:
+    """Someone saw `instance` fail (its own loop crashed, or its process died)."""
+
+    instance: int
+    reason: str
+
+
+@dataclass
+class InstanceDown:
+    """gManager -> all: `instance` is dead from now on; drop its messages, free what was lent to
+    it, recompute the requests whose KV it held. Sent to the dead instance too: if it was only
+    wedged and resumes, that is how it learns to stop."""
+
+    instance: int
+    reason: str
 
 
 @dataclass
 class Stop:
     """Ask a role's loops to exit."""
+
+
+_SENDER_FIELD = {
+    BorrowRequest: "borrower", BorrowReply: "creditor", ReleaseBlocks: "borrower", AttachBlock: "borrower",
+    AttnQuery: "home", AttnPartial: "holder", CopyBlock: "home", BlockData: "src", CopyDone: "holder",
+    Heartbeat: "instance", CreditorQuery: "instance", RequestUpdate: "instance",
+}
+
+
+def sender_of(message: object) -> Optional[int]:
+    """The instance that sent `message` (None: the router, the gManager, or not instance-sent)."""
+    if isinstance(message, list):  # a batch of RequestUpdates
+        return message[0].instance if message else None
+    name = _SENDER_FIELD.get(type(message))
+    return getattr(message, name) if name else None

@@ -163,6 +163,14 @@ class HomeMigrations:
             else:
                 self.orders[0] = MigrationOrder(order.request_id, order.src, order.dst, order.num_blocks - moved)
 
+    def fail_copies_touching(self, instance: int) -> None:
+        """A dead instance will never finish the copies from or to it, nor serve orders."""
+        with self._lock:
+            self.orders = deque(o for o in self.orders if instance not in (o.src, o.dst))
+        for tag, copy in list(self.in_flight.items()):
+            if instance in (copy.src.instance, copy.dst.instance):
+                self.copy_done(tag, False)
+
     def forget(self, request_id: str) -> None:
         with self._lock:
             self.orders = deque(o for o in self.orders if o.request_id != request_id)

@@ -152,13 +152,30 @@ class Scheduler:
 
     def _preempt(self, victim: Request) -> None:
         """Preemption by recompute: drop the KV, requeue at the front of the waiting queue."""
-        self.kv.free(victim.request_id)
-        self.running.remove(victim)
-        victim.num_computed_tokens = 0
+        self.recompute(victim)
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        victim.status = RequestStatus.WAITING
-        self.waiting.appendleft(victim)
+
+    def recompute(self, request: Request) -> None:
+        """Drop a running request's KV and requeue it first: its prompt and the tokens generated
+        so far are computed again (after preemption, or when a holder of its KV died)."""
+        self.kv.free(request.request_id)
+        self.running.remove(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def shrink_max_context(self, tokens: int, now: float) -> list[Request]:
+        """The cluster lost capacity: cap the context at `tokens` and finish (abort) the requests
+        that could no longer complete; returns them."""
+        self._max_context = min(self._max_context, tokens)
+        too_long = [
+            r for r in [*self.running, *self.waiting]
+            if r.num_prompt_tokens + (r.sampling.max_tokens or 1) > self._max_context
+        ]
+        for request in too_long:
+            self._finish(request, FinishReason.ABORT, now)
+        return too_long
 
     def schedule(self) -> SchedulerOutput:
         self._step_id += 1

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infinite_llm.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from infinite_llm.config import EngineConfig
-from infinite_llm.engine import QueueFullError, RequestOutput, RequestTooLongError
+from infinite_llm.engine import NoLiveInstanceError, QueueFullError, RequestOutput, RequestTooLongError
 from infinite_llm.entrypoints.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -118,6 +118,8 @@ def _api_error_from(exc: BaseException) -> APIError:
     if isinstance(exc, (ValueError, TypeError)):
         # SamplingParamError (a ValueError) names the offending field.
         return APIError(400, str(exc), param=getattr(exc, "param", None))
+    if isinstance(exc, NoLiveInstanceError):
+        return APIError(503, str(exc), "service_unavailable", code="no_live_instance")
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), "service_unavailable", code="engine_dead")
     if isinstance(exc, ServerShuttingDownError):
@@ -588,10 +590,16 @@ async def health(request: Request) -> Response:
     engine = _engine(request)
     if request.app.state.lifecycle.draining:  # load balancers should stop sending work here
         return error_response(503, SHUTDOWN_MESSAGE, "service_unavailable", code="shutting_down")
-    if engine.is_healthy:
-        return JSONResponse({"status": "ok"})
-    return error_response(503, f"the engine is not running: {engine.dead_error}", "service_unavailable",
-                          code="engine_dead")
+    if not engine.is_healthy:
+        return error_response(503, f"the engine is not running: {engine.dead_error}", "service_unavailable",
+                              code="engine_dead")
+    instances = engine.instance_health()
+    if not engine.can_serve():
+        body = {"status": "unavailable", "instances": instances,
+                "error": {"message": "no instance is alive", "type": "service_unavailable", "code": "no_live_instance"}}
+        return JSONResponse(body, status_code=503)
+    status = "ok" if all(i["state"] == "alive" for i in instances) else "degraded"
+    return JSONResponse({"status": status, "instances": instances})
 
 
 @router.get("/metrics")

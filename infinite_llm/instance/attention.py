@@ -18,6 +18,7 @@ built once per step (`StepLayout` on the home, a per-step cache on the holder).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -130,25 +131,54 @@ def build_step_layout(batch: list[SeqWork], rank: int, block_size: int, device: 
     )
 
 
-class PartialMailbox:
-    """Where the message pump drops `AttnPartial`s for the step thread waiting on them."""
+class PeerLost(RuntimeError):
+    """A holder this step waits on was declared dead: the step is retried after recovery."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance: int) -> None:
+        super().__init__(f"instance {instance} was declared dead")
+        self.instance = instance
+
+
+class PartialMailbox:
+    """Where the message pump drops `AttnPartial`s for the step thread waiting on them.
+
+    A wait ticks `on_wait` about every 0.1 s (waiting on a peer is not a wedged loop) and ends
+    with `PeerLost` as soon as the holder is declared dead.
+    """
+
+    def __init__(self, on_wait: Callable[[], None] = lambda: None) -> None:
         self._cond = threading.Condition()
         self._partials: dict[tuple[int, int, int], AttnPartial] = {}
+        self._lost: set[int] = set()
+        self.on_wait = on_wait
 
     def put(self, partial: AttnPartial) -> None:
         with self._cond:
+            if partial.holder in self._lost:
+                return
             self._partials[(partial.step, partial.layer, partial.holder)] = partial
+            self._cond.notify_all()
+
+    def lose(self, holder: int) -> None:
+        """`holder` is dead: its partials will never come."""
+        with self._cond:
+            self._lost.add(holder)
             self._cond.notify_all()
 
     def take(self, step: int, layer: int, holder: int, timeout_s: float) -> AttnPartial:
         key = (step, layer, holder)
+        deadline = time.monotonic() + timeout_s
         with self._cond:
-            if not self._cond.wait_for(lambda: key in self._partials, timeout=timeout_s):
-                raise RemoteAttentionError(
-                    f"instance {holder} did not answer layer {layer} of step {step} within {timeout_s:.0f} s"
-                )
+            while key not in self._partials:
+                if holder in self._lost:
+                    raise PeerLost(holder)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RemoteAttentionError(
+                        f"instance {holder} did not answer layer {layer} of step {step} within {timeout_s:.0f} s"
+                    )
+                self._cond.wait(min(left, 0.1))
+                self.on_wait()
             return self._partials.pop(key)
 
     def drop_step(self, step: int) -> None:

@@ -10,6 +10,12 @@ Three threads, none of which waits for another instance's loop:
 - the heartbeat thread: on a period, sends the gManager this instance's block counts, load and
   changed placements, whatever the compute is doing.
 The rManager is shared by the loop and the pump; every access holds `self.lock`.
+
+Failures: an exception that escapes a step is fatal (fail-stop): the instance tells the gManager
+and stops, and its requests are recomputed elsewhere. When the gManager announces a peer dead,
+the pump drops that peer's messages from then on and ends any wait on it; at the next step
+boundary the loop frees what was lent to it and recomputes, here, every request that had KV on
+it. An announcement of this instance's own death (it was wedged and resumed) stops it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from infinite_llm.control.plan import BlockRef, SampleResult
 from infinite_llm.control.request import FinishReason, Request
 from infinite_llm.control.rmanager import RManager
 from infinite_llm.control.scheduler import Scheduler, SchedulerOutput
-from infinite_llm.instance.attention import GuestAttention, PartialMailbox
+from infinite_llm.instance.attention import GuestAttention, PartialMailbox, PeerLost
 from infinite_llm.instance.kv_cache import PagedKVCache
 from infinite_llm.instance.runner import ModelRunner
 from infinite_llm.transport.base import Endpoint, TransportClosed
@@ -47,6 +53,7 @@ class _Call:
     """A request/response exchange the loop waits on (borrow, creditor query)."""
 
     done: threading.Event
+    dst: object = None
     reply: Any = None
 
 
@@ -70,7 +77,7 @@ class InstanceEngine:
         self.pacer = PrefillPacer(sched.max_num_batched_tokens, sched.prefill_slowdown, sched.lone_prefill_slowdown)
         dtype = next(model.parameters()).dtype
         self.cache = PagedKVCache(model_config, cache_cfg, dtype, self.device)
-        self.mailbox = PartialMailbox()
+        self.mailbox = PartialMailbox(on_wait=self._tick)
         self.runner = ModelRunner(rank, model, model_config, self.cache, self.device, endpoint.send,
                                   self.mailbox, seed=config.seed, attention_timeout_s=cluster.attention_timeout_s)
         self.guests = GuestAttention(rank, self.rm, self.lock, self.cache, self.device)
@@ -87,6 +94,10 @@ class InstanceEngine:
         self._last_snapshot = 0.0
         self._heartbeat_seq = itertools.count(1)
         self.num_steps = 0
+        self.num_recomputed = 0
+        self.dead: set[int] = set()  # peers declared dead: their messages are dropped
+        self.fenced = False  # this instance was declared dead
+        self._loop_tick = time.monotonic()
         self.failed: Optional[BaseException] = None
         self._threads: list[threading.Thread] = []
 
@@ -108,6 +119,7 @@ class InstanceEngine:
     # ------------------------------------------------------------------ step loop
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._tick()
             if not self._has_work():
                 self._snapshot(force=True)
                 self._wake.wait(0.05)
@@ -115,13 +127,26 @@ class InstanceEngine:
                 continue
             try:
                 progressed = self.step()
-            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one step
-                logger.exception("instance %d: step failed", self.rank)
-                self.failed = exc
-                progressed = False
+            except Exception as exc:  # noqa: BLE001 - fail-stop: the cluster recomputes our requests
+                self._crash(exc)
+                return
             if not progressed:  # nothing schedulable (waiting for memory): poll, do not spin
                 self._wake.wait(0.01)
                 self._wake.clear()
+
+    def _tick(self) -> None:
+        """The loop is going round (or waiting on a peer, which is not being wedged)."""
+        self._loop_tick = time.monotonic()
+
+    def _crash(self, exc: BaseException) -> None:
+        logger.exception("instance %d: step failed; the instance stops", self.rank, exc_info=exc)
+        self.failed = exc
+        try:
+            self.endpoint.send(m.GMANAGER, m.InstanceFailed(self.rank, f"step failed: {type(exc).__name__}: {exc}"))
+        except Exception:  # noqa: BLE001 - the gManager also notices the silence
+            pass
+        self._stop.set()
+        self._wake.set()
 
     def _has_work(self) -> bool:
         return bool(self._inbound or self.scheduler.has_unfinished() or self.migrations.busy())
@@ -140,17 +165,24 @@ class InstanceEngine:
             self._snapshot()
             return False
         results = self._execute(out)
+        if results is None:  # a holder died mid-step: recover at the next boundary, then redo
+            return True
         self._update(out, results)
         self._snapshot()
         return True
 
-    def _execute(self, out: SchedulerOutput) -> list[SampleResult]:
+    def _execute(self, out: SchedulerOutput) -> Optional[list[SampleResult]]:
         self.num_steps += 1
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         started = time.perf_counter()
         try:
             results = self.runner.execute(out.batch, self.num_steps)
+        except PeerLost as lost:
+            # Nothing was committed: the scheduler redoes these tokens (KV writes are idempotent)
+            # once the requests with KV on the dead holder are put back to recompute.
+            logger.warning("instance %d: step %d lost holder %d; redoing it", self.rank, self.num_steps, lost.instance)
+            return None
         except Exception as exc:  # noqa: BLE001 - the batch's requests fail; the instance goes on
             logger.exception("instance %d: step %d failed", self.rank, self.num_steps)
             error = f"{type(exc).__name__}: {exc}"
@@ -203,6 +235,34 @@ class InstanceEngine:
                     self._report([request])
             elif isinstance(item, m.MigrationOrder):
                 self.migrations.add_order(item)
+            elif isinstance(item, m.InstanceDown):
+                self._recover_from(item.instance)
+
+    def _recover_from(self, dead: int) -> None:
+        """Free what was lent to the dead instance and recompute, here, the requests that had KV
+        (or a migration target) on it; fail those the live instances can no longer hold."""
+        with self.lock:
+            for request_id in list(self.rm.lent_ledger.get(dead, {})):
+                self.rm.release_lent(dead, request_id)
+            touching = {rid for rid, creditors in self.rm.borrowed_ledger.items() if dead in creditors}
+        self.migrations.fail_copies_touching(dead)
+        lost = [r for r in self.scheduler.running if r.request_id in touching]
+        for request in lost:
+            self.migrations.forget(request.request_id)
+            self.scheduler.recompute(request)
+        self.num_recomputed += len(lost)
+        live = self.config.cluster.num_instances - len(self.dead)
+        capacity = min(self.kv.max_tokens_per_request(self.rm.pool.num_blocks, self.lend_cap, live),
+                       self.scheduler.max_context())
+        too_long = self.scheduler.shrink_max_context(capacity, time.monotonic())
+        errors = {r.request_id: f"instance {dead} died and the {live} live instance(s) hold at most {capacity} "
+                                f"tokens per request; this request needs {r.num_prompt_tokens + (r.sampling.max_tokens or 1)}"
+                  for r in too_long}
+        if too_long:
+            self._report(too_long, errors)
+        if lost:
+            logger.warning("instance %d: recomputing %d request(s) that had KV on dead instance %d",
+                           self.rank, len(lost), dead)
 
     def _admit(self, request: Request) -> None:
         try:
@@ -228,7 +288,10 @@ class InstanceEngine:
                 message = self.endpoint.recv(timeout=0.5)
             except TransportClosed:
                 return
-            if message is None:
+            if message is None or m.sender_of(message) in self.dead:
+                continue  # a dead instance's late messages are fenced off
+            if isinstance(message, m.InstanceDown):
+                self._on_instance_down(message)
                 continue
             if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder)):
                 self._inbound.append(message)
@@ -242,6 +305,25 @@ class InstanceEngine:
                 handlers[type(message)](message)
             except Exception:  # noqa: BLE001 - one bad message must not stop the pump
                 logger.exception("instance %d: handling %s failed", self.rank, type(message).__name__)
+
+    def _on_instance_down(self, down: m.InstanceDown) -> None:
+        """Pump side: fence the dead peer and end every wait on it now; the loop recovers."""
+        if down.instance == self.rank:
+            logger.error("instance %d: declared dead by the gManager (%s); stopping", self.rank, down.reason)
+            self.fenced = True
+            self._stop.set()
+            self._wake.set()
+            return
+        if down.instance in self.dead:
+            return
+        self.dead.add(down.instance)
+        self.mailbox.lose(down.instance)
+        for tag, call in list(self._calls.items()):
+            if call.dst == down.instance:
+                self._calls.pop(tag, None)
+                call.done.set()  # reply None: refused
+        self._inbound.append(down)
+        self._wake.set()
 
     def _on_attn_query(self, query: m.AttnQuery) -> None:
         self.endpoint.send(query.home, self.guests.serve(query))
@@ -273,9 +355,9 @@ class InstanceEngine:
         with self.lock:
             payload = self.cache.block_payload(msg.src_block) if self.rm.holds(msg.request_id, msg.src_block) else None
         if payload is None:
-            self.endpoint.send(msg.home, m.CopyDone(msg.tag, msg.request_id, ok=False))
+            self.endpoint.send(msg.home, m.CopyDone(msg.tag, self.rank, msg.request_id, ok=False))
             return
-        self.endpoint.send(msg.dst, m.BlockData(msg.tag, msg.home, msg.request_id, msg.dst_block, payload))
+        self.endpoint.send(msg.dst, m.BlockData(msg.tag, self.rank, msg.home, msg.request_id, msg.dst_block, payload))
 
     @torch.inference_mode()
     def _on_block_data(self, msg: m.BlockData) -> None:
@@ -283,17 +365,23 @@ class InstanceEngine:
             ok = self.rm.accepts_copy(msg.request_id, msg.dst_block, msg.tag)
             if ok:
                 self.cache.load_block(msg.dst_block, msg.payload.to(self.device))
-        self.endpoint.send(msg.home, m.CopyDone(msg.tag, msg.request_id, ok))
+        self.endpoint.send(msg.home, m.CopyDone(msg.tag, self.rank, msg.request_id, ok))
 
     # ------------------------------------------------------------------ PeerLink / CopyLink
     def _call(self, dst: object, make: Any, timeout_s: float = 10.0) -> Any:
+        """Send a request and wait for its reply (None: no reply in time, or `dst` died)."""
+        if dst in self.dead:
+            return None
         tag = next(self._tags)
-        call = _Call(threading.Event())
+        call = _Call(threading.Event(), dst)
         self._calls[tag] = call
         self.endpoint.send(dst, make(tag))
-        if not call.done.wait(timeout_s):
-            self._calls.pop(tag, None)
-            return None
+        deadline = time.monotonic() + timeout_s
+        while not call.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            self._tick()  # waiting on a peer is not a wedged loop
+            if time.monotonic() >= deadline:
+                self._calls.pop(tag, None)
+                return None
         return call.reply
 
     def creditors(self, num_blocks: int) -> list[tuple[int, int]]:
@@ -307,12 +395,17 @@ class InstanceEngine:
         return reply.blocks if reply is not None else None
 
     def release(self, creditor: int, request_id: str, blocks: Optional[list[int]]) -> None:
-        self.endpoint.send(creditor, m.ReleaseBlocks(self.rank, request_id, blocks))
+        if creditor not in self.dead:  # a dead creditor's pool is gone with it
+            self.endpoint.send(creditor, m.ReleaseBlocks(self.rank, request_id, blocks))
 
     def attach(self, holder: int, request_id: str, index: int, block: int) -> None:
-        self.endpoint.send(holder, m.AttachBlock(self.rank, request_id, index, block))
+        if holder not in self.dead:
+            self.endpoint.send(holder, m.AttachBlock(self.rank, request_id, index, block))
 
     def start_copy(self, tag: int, request_id: str, src: BlockRef, dst: BlockRef) -> None:
+        if src.instance in self.dead or dst.instance in self.dead:
+            self.migrations.copy_done(tag, False)
+            return
         self.endpoint.send(src.instance, m.CopyBlock(tag, self.rank, request_id, src.block, dst.instance, dst.block))
 
     # ------------------------------------------------------------------ heartbeats
@@ -334,6 +427,7 @@ class InstanceEngine:
         load.num_preemptions = self.scheduler.num_preemptions
         load.num_migrated_blocks = self.migrations.num_migrated_blocks
         load.num_guest_queries = self.guests.num_served
+        load.num_recomputed = self.num_recomputed
         with self.lock:
             old_changed, old_removed = self._placement_delta
             keep = {p.request_id: p for p in old_changed if p.request_id not in removed}
@@ -349,7 +443,7 @@ class InstanceEngine:
                 instance=self.rank, seq=next(self._heartbeat_seq), sent_time=time.monotonic(),
                 num_blocks=self.rm.pool.num_blocks, num_free=self.rm.num_free, num_lent=self.rm.num_lent,
                 num_borrowed=self.rm.num_borrowed, lendable=self.rm.lendable, load=self._load,
-                placements=changed, removed=removed,
+                placements=changed, removed=removed, loop_age_s=time.monotonic() - self._loop_tick,
             )
 
     def _heartbeats(self) -> None:

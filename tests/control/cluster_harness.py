@@ -141,16 +141,16 @@ class Node:
             creditor.on_attach(self.rm, msg)
         elif isinstance(msg, m.CopyBlock):
             if not self.rm.holds(msg.request_id, msg.src_block):
-                self.net.send(self.id, msg.home, m.CopyDone(msg.tag, msg.request_id, ok=False))
+                self.net.send(self.id, msg.home, m.CopyDone(msg.tag, self.id, msg.request_id, ok=False))
                 return
             payload = self.data.get(msg.src_block)
-            self.net.send(self.id, msg.dst, m.BlockData(msg.tag, msg.home, msg.request_id, msg.dst_block, payload))
+            self.net.send(self.id, msg.dst, m.BlockData(msg.tag, self.id, msg.home, msg.request_id, msg.dst_block, payload))
         elif isinstance(msg, m.BlockData):
             # InstanceEngine._on_block_data: only the copy the block was reserved for may write it.
             ok = self.rm.accepts_copy(msg.request_id, msg.dst_block, msg.tag)
             if ok:
                 self.data[msg.dst_block] = msg.payload
-            self.net.send(self.id, msg.home, m.CopyDone(msg.tag, msg.request_id, ok))
+            self.net.send(self.id, msg.home, m.CopyDone(msg.tag, self.id, msg.request_id, ok))
         elif isinstance(msg, m.CopyDone):
             assert self.migrations is not None
             self.migrations.copy_done(msg.tag, msg.ok)

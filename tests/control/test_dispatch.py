@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from infinite_llm.control.dispatch import Dispatcher
+import pytest
+
+from infinite_llm.control.dispatch import Dispatcher, NoLiveInstanceError
 from infinite_llm.control.messages import InstanceLoad, InstanceStatus
 from tests.control.cluster_harness import make_request as req
 
@@ -29,3 +31,16 @@ def test_a_burst_spreads_until_the_view_reports_it():
     assert d.choose_home() == 1
     d.update_view({0: _status(0, 12), 1: _status(1, 14)})  # both reported since
     assert d.choose_home() == 1 and d.dispatch(req("pinned", 8), home=0) == 0
+
+
+def test_dispatch_skips_dead_instances_and_fails_when_none_is_left():
+    d = Dispatcher(3, block_size=8)
+    d.update_view({
+        0: InstanceStatus(0, 16, 16, 0, 0, 14, InstanceLoad(), state="dead"),
+        1: InstanceStatus(1, 16, 2, 0, 0, 2, InstanceLoad()),
+        2: InstanceStatus(2, 16, 8, 0, 0, 8, InstanceLoad()),
+    })
+    assert d.choose_home() == 2
+    assert d.choose_home(exclude={2}) == 1
+    with pytest.raises(NoLiveInstanceError):
+        d.choose_home(exclude={1, 2})

@@ -181,3 +181,48 @@ def _running(rid, tokens):
     request = make_request(rid, tokens)
     request.num_computed_tokens = tokens
     return request
+
+
+# --------------------------------------------------------------------------- liveness
+def test_liveness_alive_suspect_dead_by_heartbeat_age():
+    g = GManager(2, heartbeat_timeout_s=3.0)
+    assert g.liveness(0, now=0.0) == "starting"
+    g.heartbeat(beat(0, 1), now=10.0)
+    assert g.liveness(0, now=10.5) == "alive"
+    assert g.liveness(0, now=11.5) == "suspect"  # later than a third of the timeout
+    assert g.check_liveness(now=12.9) == []
+    assert g.check_liveness(now=13.1) == [(0, "no heartbeat for 3.1 s")]
+    assert g.liveness(0, now=13.1) == "dead"
+    assert g.check_liveness(now=20.0) == []  # announced once
+    assert g.liveness(1, now=20.0) == "starting"  # never heard from: not declared dead
+
+
+def test_a_stalled_step_loop_is_dead_though_its_heartbeats_arrive():
+    g = GManager(1, heartbeat_timeout_s=3.0)
+    stalled = beat(0, 1)
+    stalled.loop_age_s = 2.0
+    g.heartbeat(stalled, now=1.0)
+    assert g.liveness(0, now=1.0) == "suspect"
+    assert g.check_liveness(now=1.5) == []
+    later = beat(0, 2)
+    later.loop_age_s = 3.2
+    g.heartbeat(later, now=2.0)
+    assert g.check_liveness(now=2.0) == [(0, "step loop stalled for 3.2 s")]
+
+
+def test_dead_is_final_and_fences_heartbeats():
+    g = GManager(3, heartbeat_timeout_s=5.0)
+    for i in range(3):
+        g.heartbeat(beat(i, 1, lendable=4), now=0.0)
+    g.heartbeat(beat(0, 2, placements=[placed("a", 0, {0: 16, 2: 8}), placed("b", 0, {0: 8})]), now=0.1)
+    g.heartbeat(beat(2, 2, placements=[placed("c", 2, {2: 8})]), now=0.1)
+    assert g.declare_dead(2, "killed")
+    assert not g.declare_dead(2, "again")
+    assert g.dead == {2: "killed"}
+    # Its own requests and those with KV on it are forgotten; "b" never touched it.
+    assert sorted(g.requests()) == ["b"]
+    assert not g.heartbeat(beat(2, 3), now=0.2)  # a resumed zombie's beat
+    assert g.alive_instances(now=0.2) == [0, 1]
+    assert [c for c, _ in g.candidate_creditors(0, 1, now=0.2)] == [1]
+    views, _ = g.cluster_view(block_size=8)
+    assert [v.instance_id for v in views] == [0, 1]
