@@ -207,6 +207,21 @@ class AsyncLLMEngine:
     def can_serve(self) -> bool:
         return self.is_healthy and self.engine is not None and self.engine.can_serve()
 
+    # Membership changes go to the router and the launcher (both thread-safe), not to the
+    # engine thread's request state, so they may be called from any thread.
+    def add_instance(self) -> int:
+        """Start one more instance and wait until it serves (blocks: call it off the event loop)."""
+        self._check_running()
+        return self.engine.add_instance()  # type: ignore[union-attr]
+
+    def remove_instance(self, instance: int) -> None:
+        self._check_running()
+        self.engine.remove_instance(instance)  # type: ignore[union-attr]
+
+    def _check_running(self) -> None:
+        if self.engine is None or not self.is_healthy:
+            raise EngineDeadError(f"the engine is not running: {self._dead}")
+
     def latest_stats(self) -> Optional["EngineStats"]:
         """The cluster's stats as the gManager last heard them (safe from any thread: they come
         from heartbeats, not from the engine thread's state)."""

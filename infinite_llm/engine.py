@@ -142,11 +142,13 @@ class LLMEngine:
         raise ValueError(f"unknown cluster backend {backend!r}; choose 'local' or 'ray'")
 
     def max_context(self) -> int:
-        """The longest context (prompt + output) one request can hold under the policy."""
+        """The longest context (prompt + output) one request can hold under the policy, on the
+        live instances."""
         cache, cluster = self.config.cache, self.config.cluster
         per = cache.num_blocks_per_instance
         cap = lend_cap_for(cluster.placement, per, cache.lend_fraction)
-        tokens = max_tokens_per_request(cluster.placement, cluster.num_instances, per, cap, cache.block_size)
+        live = max(1, len(self.router.live_instances()))
+        tokens = max_tokens_per_request(cluster.placement, live, per, cap, cache.block_size)
         return min(tokens, self.model_config.max_position_embeddings)
 
     # ------------------------------------------------------------------ requests
@@ -183,8 +185,8 @@ class LLMEngine:
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             max_total_tokens=capacity,
         )
-        if home is not None and not 0 <= home < self.config.cluster.num_instances:
-            raise ValueError(f"home instance {home} out of range (cluster has {self.config.cluster.num_instances})")
+        if home is not None and home not in self.router.live_instances():
+            raise ValueError(f"home instance {home} is not a live instance (live: {self.router.live_instances()})")
         request.home = self.router.dispatch(request, home)
         self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params))
         self._awaiting_first_token.add(request_id)
@@ -202,6 +204,28 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("the prompt is empty: at least one token is required")
         return token_ids
+
+    # ------------------------------------------------------------------ membership
+    def add_instance(self, timeout_s: float = 120.0) -> int:
+        """Start one more instance (a new id) and wait until it serves; returns its id. Also the
+        way to replace a dead instance."""
+        instance = self.cluster.add_instance()
+        deadline = time.monotonic() + timeout_s
+        while instance not in self.router.view():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"instance {instance} did not report within {timeout_s:.0f} s")
+            time.sleep(0.01)
+        return instance
+
+    def remove_instance(self, instance: int) -> None:
+        """Take a live instance out: its requests, and those with KV on it, are recomputed on the
+        others (their streams go on), then it stops."""
+        live = self.router.live_instances()
+        if instance not in live:
+            raise ValueError(f"instance {instance} is not a live instance (live: {live})")
+        if len(live) == 1:
+            raise ValueError(f"instance {instance} is the last live instance; the cluster needs one")
+        self.cluster.remove_instance(instance)
 
     def order_migration(self, request_id: str, src: int, dst: int, num_blocks: int) -> None:
         """Ask the request's home to move `num_blocks` full blocks from `src` to `dst` (the
@@ -344,7 +368,7 @@ class LLMEngine:
         latest heartbeat, as the gManager last judged them."""
         view = self.router.view()
         health = []
-        for i in range(self.config.cluster.num_instances):
+        for i in list(self.router.members):
             status = view.get(i)
             state = "dead" if i in self.router.dead else (status.state if status else "starting")
             age = round(status.heartbeat_age_s, 3) if status else None

@@ -1,6 +1,7 @@
 """The HTTP server through an instance failure: open streams finish with the text of an
 undisturbed run, /health reports each instance and stays 200 while one can serve, /metrics
-counts the failure; with no instance left, /health and new requests get 503."""
+counts the failure, the operator adds and drains instances through /admin/instances; with no
+instance left, /health and new requests get 503."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def test_streams_survive_an_instance_and_health_reports_it():
                 ["choices"][0]["text"]
                 for p in prompts
             }
-            homes = server.engine.engine.router
+            router = server.engine.engine.router
             out: dict = {}
             started = [threading.Event() for _ in prompts]
             threads = [threading.Thread(target=_stream_text, args=(server.client(), p, e, out))
@@ -66,8 +67,10 @@ def test_streams_survive_an_instance_and_health_reports_it():
                 t.start()
             for e in started:
                 assert e.wait(30)
-            assert sorted(homes.homes.values()) == [0, 1]  # one stream per instance
-            _crash(server, 1)
+            victim = max(router.homes.values())  # the home of at least one stream
+            survivor = 1 - victim
+            on_victim = list(router.homes.values()).count(victim)
+            _crash(server, victim)
             for t in threads:
                 t.join(60)
             assert out == {p: (expected[p], "length") for p in prompts}
@@ -75,13 +78,26 @@ def test_streams_survive_an_instance_and_health_reports_it():
             health = client.get("/health")
             assert health.status_code == 200
             assert health.json()["status"] == "degraded"
-            assert [i["state"] for i in health.json()["instances"]] == ["alive", "dead"]
+            assert health.json()["instances"][victim]["state"] == "dead"
+            assert health.json()["instances"][survivor]["state"] == "alive"
             metrics = client.get("/metrics").text
             assert 'infinite_llm_instance_failures_total{model_name="default"} 1.0' in metrics
-            assert 'infinite_llm_recomputed_requests_total{model_name="default"} 1.0' in metrics
-            assert 'infinite_llm_instance_up{instance="1",model_name="default"} 0.0' in metrics
+            assert f'infinite_llm_recomputed_requests_total{{model_name="default"}} {on_victim}.0' in metrics
+            assert f'infinite_llm_instance_up{{instance="{victim}",model_name="default"}} 0.0' in metrics
 
-            _crash(server, 0)
+            # The operator replaces the dead instance, then drains the replacement again.
+            added = client.post("/admin/instances")
+            assert added.status_code == 201 and added.json()["instance"] == 2
+            assert [i["state"] for i in client.get("/admin/instances").json()["instances"]][2] == "alive"
+            assert client.post("/v1/completions", json={"model": "default", "prompt": prompts[0], "max_tokens": 40,
+                                                        "temperature": 0, "ignore_eos": True}).json()["choices"][0]["text"] \
+                == expected[prompts[0]]
+            refused = client.delete(f"/admin/instances/{victim}")
+            assert refused.status_code == 400 and "not a live instance" in refused.json()["error"]["message"]
+            assert client.delete("/admin/instances/2").json() == {"removed": 2}
+            assert server.wait_until(lambda: client.get("/health").json()["instances"][2]["state"] == "dead")
+
+            _crash(server, survivor)
             client.post("/v1/completions", json={"model": "default", "prompt": "x", "max_tokens": 2})
             assert server.wait_until(lambda: client.get("/health").status_code == 503)
             assert client.get("/health").json()["error"]["code"] == "no_live_instance"

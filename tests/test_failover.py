@@ -187,3 +187,53 @@ def test_no_instance_left(checkpoint, engines):
     assert not engine.can_serve()
     with pytest.raises(NoLiveInstanceError):
         engine.add_request("c", [1] * 4, GREEDY)
+
+
+# ------------------------------------------------------------------------ elastic membership
+def test_added_instance_serves_and_lends(checkpoint, engines):
+    llm = engines(checkpoint, instances=2, blocks=8, batched_tokens=32, placement="striped")
+    engine = llm.engine
+    (wide,) = prompts(26, [150])  # 19 blocks + output: more than two instances' 16
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.add_request("too-wide", wide, GREEDY)
+    assert engine.add_instance() == 2
+    assert [h["state"] for h in engine.instance_health()] == ["alive", "alive", "alive"]
+    engine.add_request("wide", wide, GREEDY, home=2)  # homed on the newcomer, striped over all three
+    final = drain(engine, {})
+    assert final["wide"].output_token_ids == hf_greedy(checkpoint, wide, 16)
+    assert_all_free(llm)
+
+
+def test_removed_instance_is_drained_and_its_requests_finish_elsewhere(checkpoint, engines):
+    llm = engines(checkpoint, instances=3, blocks=16, batched_tokens=32, placement="striped")
+    engine = llm.engine
+    batch = prompts(27, [60, 50, 40])
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for i, prompt in enumerate(batch):
+        engine.add_request(f"r{i}", prompt, params, home=i)
+    outputs: dict = {}
+    run_until(engine, lambda: all(tokens_so_far(outputs, f"r{i}") >= 2 for i in range(3)), outputs)
+    engine.remove_instance(1)
+    final = drain(engine, outputs)
+    for i, prompt in enumerate(batch):
+        assert final[f"r{i}"].output_token_ids == hf_greedy(checkpoint, prompt, 32), f"r{i}"
+    assert engine.failures.num_redispatched_requests == 1
+    assert [h["state"] for h in engine.instance_health()] == ["alive", "dead", "alive"]
+    assert engine.cluster.instances[1].fenced  # it stopped itself
+    assert_all_free(llm, exclude=(1,))
+    with pytest.raises(ValueError, match="not a live instance"):
+        engine.remove_instance(1)
+
+
+def test_dead_instance_replaced(checkpoint, engines):
+    llm = engines(checkpoint, instances=2, blocks=16, batched_tokens=32)
+    engine = llm.engine
+    crash_next_step(llm, 1)
+    engine.add_request("trigger", [4] * 12, GREEDY, home=1)
+    drain(engine, {})
+    assert engine.add_instance() == 2
+    assert [h["state"] for h in engine.instance_health()] == ["alive", "dead", "alive"]
+    engine.add_request("new", [6] * 12, GREEDY, home=2)
+    final = drain(engine, {})
+    assert final["new"].output_token_ids == hf_greedy(checkpoint, [6] * 12, 16)
+    assert_all_free(llm, exclude=(1,))

@@ -102,6 +102,17 @@ def test_ray_sigkill_of_an_actor_loses_no_request(tmp_path):
         assert_all_free(llm, exclude=(1,))
         (after,) = llm.generate([batch[1]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
         assert after.output_token_ids == hf_greedy(tmp_path, batch[1], 8)
+        # A replacement actor (a new id) joins and serves a request striped over it and the others.
+        engine = llm.engine
+        assert engine.add_instance() == 3
+        assert len(set(engine.cluster.pids)) == 4
+        engine.add_request("on-new", batch[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), home=3)
+        final = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step(timeout_s=0.05):
+                final[out.request_id] = out
+        assert final["on-new"].output_token_ids == hf_greedy(tmp_path, batch[0], 8)
+        assert_all_free(llm, exclude=(1,))
     finally:
         llm.shutdown()
 

@@ -32,7 +32,7 @@ class GManagerService:
         # A move's gain counts until the next plan, which may undo or extend it.
         self.rebalancer_config = RebalancerConfig(block_size=block_size, copy_s_per_block=copy_s_per_block,
                                                   horizon_s=rebalance_interval_s)
-        self.rebalance = rebalance and num_instances > 1
+        self.rebalance = rebalance
         self.rebalance_interval_s = rebalance_interval_s
         self.view_interval_s = view_interval_s
         self.num_orders_sent = 0
@@ -82,33 +82,45 @@ class GManagerService:
                 self.endpoint.send(message.instance, m.InstanceDown(message.instance, self.gm.dead[message.instance]))
                 return
             self.gm.heartbeat(message, time.monotonic())
-        elif isinstance(message, m.InstanceFailed):
+        elif isinstance(message, (m.InstanceFailed, m.RemoveInstance)):
             if self.gm.declare_dead(message.instance, message.reason):
                 self._announce_down(message.instance, message.reason)
+        elif isinstance(message, m.InstanceJoined):
+            self._admit_member(message.instance)
         elif isinstance(message, m.CreditorQuery):
             candidates = self.gm.candidate_creditors(message.instance, message.num_blocks, time.monotonic())
             self.endpoint.send(message.instance, m.CreditorReply(message.tag, candidates))
         elif isinstance(message, m.Stop):
             self._stop.set()
 
+    def _admit_member(self, instance: int) -> None:
+        self.gm.add_instance(instance)
+        for dead, reason in self.gm.dead.items():  # the newcomer must not wait on any of them
+            self._send(instance, m.InstanceDown(dead, reason))
+        for peer in [m.ROUTER, *self.gm.live_members()]:
+            self._send(peer, m.InstanceJoined(instance))
+
     def _announce_down(self, instance: int, reason: str) -> None:
         """Tell everyone (the dead instance too, in case it was only wedged)."""
         logger.warning("gManager: instance %d declared dead: %s", instance, reason)
         self.failures.append((instance, reason, time.monotonic()))
-        down = m.InstanceDown(instance, reason)
-        for peer in [m.ROUTER, *range(self.gm.num_instances)]:
-            try:
-                self.endpoint.send(peer, down)
-            except TransportClosed:
-                raise
-            except Exception:  # noqa: BLE001 - an unreachable peer must not stop the announcement
-                logger.warning("gManager: could not tell %r that instance %d is dead", peer, instance)
+        for peer in [m.ROUTER, *self.gm.members]:
+            self._send(peer, m.InstanceDown(instance, reason))
+
+    def _send(self, peer: object, message: object) -> None:
+        """Best effort: an unreachable peer must not stop an announcement to the others."""
+        try:
+            self.endpoint.send(peer, message)
+        except TransportClosed:
+            raise
+        except Exception:  # noqa: BLE001
+            logger.warning("gManager: could not send %s to %r", type(message).__name__, peer)
 
     def _send_view(self) -> None:
         now = time.monotonic()
         statuses = {
             i: s.status(self.gm.liveness(i, now), self.gm.heartbeat_age(i, now))
-            for i in range(self.gm.num_instances) if (s := self.gm.status(i)) is not None
+            for i in self.gm.members if (s := self.gm.status(i)) is not None
         }
         self.endpoint.send(m.ROUTER, m.ClusterView(statuses))
 

@@ -4,11 +4,12 @@ through the in-process transport (the same messages as across processes)."""
 from __future__ import annotations
 
 import os
+import threading
 from typing import Collection
 
 from infinite_llm.config import EngineConfig, ModelConfig
 from infinite_llm.cluster.gmanager_service import GManagerService
-from infinite_llm.control.messages import GMANAGER, ROUTER
+from infinite_llm.control.messages import GMANAGER, ROUTER, InstanceJoined, RemoveInstance
 from infinite_llm.control.perf_model import PerfModel, default_perf_model
 from infinite_llm.transport.local import LocalFabric
 
@@ -38,7 +39,6 @@ class LocalCluster:
     def __init__(self, config: EngineConfig, model_path: str, model_config: ModelConfig) -> None:
         import torch
 
-        from infinite_llm.instance.engine import InstanceEngine
         from infinite_llm.model.loader import load_model
 
         cluster = config.cluster
@@ -49,16 +49,35 @@ class LocalCluster:
         dtype = config.cache.dtype if config.cache.dtype != "auto" else None
         _, model = load_model(model_path, device=cluster.device, dtype=dtype)
         model.eval()  # shared read-only by the instance threads
-        fabric = LocalFabric()
-        self.router_endpoint = fabric.endpoint(ROUTER)
-        self.gmanager = make_gmanager(fabric.endpoint(GMANAGER), config, model_config)
-        self.instances = [
-            InstanceEngine(rank, config, model_config, model, fabric.endpoint(rank), device=cluster.device)
-            for rank in range(n)
-        ]
+        self.config, self.model_config, self.model = config, model_config, model
+        self.fabric = LocalFabric()
+        self.router_endpoint = self.fabric.endpoint(ROUTER)
+        self.gmanager = make_gmanager(self.fabric.endpoint(GMANAGER), config, model_config)
+        self.instances = [self._make_instance(rank, list(range(n))) for rank in range(n)]  # index = id
+        self._lock = threading.Lock()
         self.gmanager.start()
         for instance in self.instances:
             instance.start()
+
+    def _make_instance(self, rank: int, members: list[int]):
+        from infinite_llm.instance.engine import InstanceEngine
+
+        return InstanceEngine(rank, self.config, self.model_config, self.model, self.fabric.endpoint(rank),
+                              device=self.config.cluster.device, members=members)
+
+    def add_instance(self) -> int:
+        """Start a new instance thread set with the next id; the gManager admits it."""
+        with self._lock:
+            rank = len(self.instances)
+            instance = self._make_instance(rank, list(range(rank + 1)))
+            self.instances.append(instance)
+        self.router_endpoint.send(GMANAGER, InstanceJoined(rank))
+        instance.start()
+        return rank
+
+    def remove_instance(self, rank: int) -> None:
+        """The gManager announces it down; the instance stops itself on hearing that."""
+        self.router_endpoint.send(GMANAGER, RemoveInstance(rank))
 
     def control_states(self, exclude: Collection[int] = ()) -> list:
         """(rManager, tables) of every instance but `exclude` (e.g. dead ones), for invariant

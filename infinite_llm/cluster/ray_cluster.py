@@ -20,7 +20,7 @@ from typing import Collection, Optional
 
 from infinite_llm.cluster.local import make_gmanager
 from infinite_llm.config import EngineConfig, ModelConfig
-from infinite_llm.control.messages import GMANAGER, ROUTER, InstanceFailed
+from infinite_llm.control.messages import GMANAGER, ROUTER, InstanceFailed, InstanceJoined, RemoveInstance
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,11 @@ class _InstanceActor:
     def address(self) -> str:
         return self.endpoint.address
 
-    def start(self, peers: dict) -> int:
+    def connect(self, peers: dict) -> None:
+        """Learn peers' addresses (a new instance joined)."""
+        self.endpoint.connect(peers)
+
+    def start(self, peers: dict, members: Optional[list[int]] = None) -> int:
         import torch
 
         from infinite_llm.instance.engine import InstanceEngine
@@ -61,7 +65,8 @@ class _InstanceActor:
         _, model = load_model(self.model_path, device=device, dtype=dtype)
         model.eval()
         self.endpoint.connect(peers)
-        self.engine = InstanceEngine(self.rank, self.config, self.model_config, model, self.endpoint, device=device)
+        self.engine = InstanceEngine(self.rank, self.config, self.model_config, model, self.endpoint, device=device,
+                                     members=members)
         self.engine.start()
         return os.getpid()
 
@@ -104,6 +109,9 @@ class _GManagerActor:
         self.endpoint.connect(peers)
         self.service.start()
 
+    def connect(self, peers: dict) -> None:
+        self.endpoint.connect(peers)
+
     def stop(self) -> None:
         self.service.stop()
 
@@ -120,29 +128,61 @@ class RayCluster:
         self._started_ray = self._init_ray(cluster.ray_address, n)
         on_gpu = cluster.device.startswith("cuda")
         # max_concurrency: `wait_stopped` stays open while the other calls are served.
-        actor_cls = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0,
-                               max_concurrency=4)(_InstanceActor)
-        num_threads = max(1, (os.cpu_count() or 1) // n)
-        self.actors = [actor_cls.remote(rank, config, model_path, model_config, num_threads) for rank in range(n)]
+        self._actor_cls = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0,
+                                     max_concurrency=4)(_InstanceActor)
+        self._actor_args = (config, model_path, model_config, max(1, (os.cpu_count() or 1) // n))
+        self.actors = [self._actor_cls.remote(rank, *self._actor_args) for rank in range(n)]  # index = id
         self.gmanager = ray.remote(num_cpus=0)(_GManagerActor).remote(config, model_config)
         addresses = ray.get([a.address.remote() for a in self.actors], timeout=120)
         self.router_endpoint = ZmqEndpoint(ROUTER, bind_host=ray.util.get_node_ip_address())
-        peers = {ROUTER: self.router_endpoint.address, GMANAGER: ray.get(self.gmanager.address.remote(), timeout=120)}
-        peers.update(enumerate(addresses))
-        self.router_endpoint.connect(peers)
-        ray.get(self.gmanager.start.remote(peers), timeout=60)
-        self.pids = ray.get([a.start.remote(peers) for a in self.actors], timeout=300)
+        self.peers = {ROUTER: self.router_endpoint.address,
+                      GMANAGER: ray.get(self.gmanager.address.remote(), timeout=120)}
+        self.peers.update(enumerate(addresses))
+        self.router_endpoint.connect(self.peers)
+        ray.get(self.gmanager.start.remote(self.peers), timeout=60)
+        self.pids = ray.get([a.start.remote(self.peers) for a in self.actors], timeout=300)
+        self._lock = threading.Lock()
+        self._watched = {actor.wait_stopped.remote(): rank for rank, actor in enumerate(self.actors)}
         self._watcher = threading.Thread(target=self._watch_actors, name="ray-actor-watch", daemon=True)
         self._watcher.start()
+
+    def add_instance(self) -> int:
+        """A new actor with the next id: every party learns its address before it starts."""
+        import ray
+
+        with self._lock:
+            rank = len(self.actors)
+            actor = self._actor_cls.remote(rank, *self._actor_args)
+            self.actors.append(actor)
+        address = ray.get(actor.address.remote(), timeout=120)
+        self.peers[rank] = address
+        self.router_endpoint.connect({rank: address})
+        others = self.actors[:rank] + [self.gmanager]
+        # An actor that is dead fails its call; it needs no address any more.
+        ray.wait([a.connect.remote({rank: address}) for a in others], num_returns=len(others), timeout=30)
+        self.router_endpoint.send(GMANAGER, InstanceJoined(rank))
+        self.pids.append(ray.get(actor.start.remote(self.peers, list(range(rank + 1))), timeout=300))
+        with self._lock:
+            self._watched[actor.wait_stopped.remote()] = rank
+        return rank
+
+    def remove_instance(self, rank: int) -> None:
+        self.router_endpoint.send(GMANAGER, RemoveInstance(rank))
 
     def _watch_actors(self) -> None:
         import ray
 
-        pending = {actor.wait_stopped.remote(): rank for rank, actor in enumerate(self.actors)}
-        while pending and not self._closing.is_set():
+        while not self._closing.is_set():
+            with self._lock:
+                pending = dict(self._watched)
+            if not pending:
+                self._closing.wait(0.5)
+                continue
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
-                rank = pending.pop(ref)
+                rank = pending[ref]
+                with self._lock:
+                    self._watched.pop(ref, None)
                 try:
                     ray.get(ref)
                     continue  # stopped on purpose
@@ -167,14 +207,15 @@ class RayCluster:
             return False
         # Embedded default: a private local Ray sized for the instances; nothing big goes
         # through its object store (messages travel over ZeroMQ).
-        ray.init(num_cpus=max(num_instances, 1), include_dashboard=False, object_store_memory=128 * 1024 * 1024,
+        # CPU slots for twice the instances: room to add (or replace) instances later.
+        ray.init(num_cpus=2 * max(num_instances, 1), include_dashboard=False, object_store_memory=128 * 1024 * 1024,
                  log_to_driver=False, configure_logging=False)
         return True
 
     def control_states(self, exclude: Collection[int] = ()) -> list:
         import ray
 
-        live = [a for rank, a in enumerate(self.actors) if rank not in exclude]
+        live = [a for rank, a in enumerate(list(self.actors)) if rank not in exclude]
         return ray.get([a.control_state.remote() for a in live], timeout=60)
 
     def is_fenced(self, rank: int) -> bool:

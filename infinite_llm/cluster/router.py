@@ -26,7 +26,8 @@ from infinite_llm.transport.base import Endpoint, TransportClosed
 class Router:
     def __init__(self, endpoint: Endpoint, num_instances: int, block_size: int) -> None:
         self.endpoint = endpoint
-        self.num_instances = num_instances
+        self.num_instances = num_instances  # at start; `members` grows as instances join
+        self.members: list[int] = list(range(num_instances))
         self.homes: dict[str, int] = {}
         self._lock = threading.Lock()  # the pump updates the view the caller's thread reads
         self._dispatcher = Dispatcher(num_instances, block_size)
@@ -42,7 +43,8 @@ class Router:
             return dict(self._dispatcher.view)
 
     def live_instances(self) -> list[int]:
-        return [i for i in range(self.num_instances) if i not in self.dead]
+        with self._lock:
+            return [i for i in self.members if i not in self.dead]
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until the gManager reported every instance (the cluster can serve and lend)."""
@@ -116,6 +118,11 @@ class Router:
                 with self._lock:
                     self.dead.add(message.instance)
                 self._updates.put(message)
+            elif isinstance(message, m.InstanceJoined):
+                with self._lock:
+                    if message.instance not in self.members:
+                        self.members.append(message.instance)
+                        self._dispatcher.add_instance(message.instance)
             elif isinstance(message, list):
                 self._updates.put(message)
             elif isinstance(message, m.ClusterView):

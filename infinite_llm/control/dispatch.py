@@ -19,15 +19,20 @@ class NoLiveInstanceError(RuntimeError):
 
 class Dispatcher:
     def __init__(self, num_instances: int, block_size: int) -> None:
-        self.num_instances = num_instances
+        self.members: list[int] = list(range(num_instances))
         self.block_size = block_size
         self.view: dict[int, InstanceStatus] = {}
-        self._sent = [[0, 0] for _ in range(num_instances)]  # blocks, requests since the view changed
+        self._sent = {i: [0, 0] for i in self.members}  # blocks, requests since the view changed
+
+    def add_instance(self, instance_id: int) -> None:
+        if instance_id not in self._sent:
+            self.members.append(instance_id)
+            self._sent[instance_id] = [0, 0]
 
     def update_view(self, statuses: dict[int, InstanceStatus]) -> None:
         """A `ClusterView` from the gManager arrived."""
         for i, status in statuses.items():
-            if self.view.get(i) != status:  # it reported since: its count includes ours
+            if i in self._sent and self.view.get(i) != status:  # it reported since: its count includes ours
                 self._sent[i] = [0, 0]
         self.view = dict(statuses)
 
@@ -39,7 +44,7 @@ class Dispatcher:
             load = status.load.batch_size + status.load.num_waiting if status else 0
             return (free - self._sent[i][0], -(load + self._sent[i][1]), -i)
 
-        live = [i for i in range(self.num_instances)
+        live = [i for i in self.members
                 if i not in exclude and not (i in self.view and self.view[i].state == "dead")]
         if not live:
             raise NoLiveInstanceError("no instance is alive to serve the request")

@@ -15,6 +15,7 @@ timeout late, and "dead" when they stop for `heartbeat_timeout_s`, when its step
 gone round for that long (a wedged loop; the heartbeat thread still beats), or at once when
 someone reports it failed. Dead is final: the id is never reused, its later heartbeats are
 ignored, and its requests are forgotten here (their homes or the router recompute them).
+Removing an instance on purpose takes the same path. Instances added later get new ids.
 """
 
 from __future__ import annotations
@@ -34,12 +35,23 @@ class GManager:
             raise ValueError(f"num_instances must be >= 1, got {num_instances}")
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
-        self.num_instances = num_instances
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self._status: list[Optional[Heartbeat]] = [None] * num_instances
-        self._received_at: list[float] = [0.0] * num_instances
+        self.members: list[int] = list(range(num_instances))  # every id ever, dead ones too
+        self._status: dict[int, Optional[Heartbeat]] = {i: None for i in self.members}
+        self._received_at: dict[int, float] = {i: 0.0 for i in self.members}
         self._placements: dict[str, RequestPlacement] = {}
         self.dead: dict[int, str] = {}  # instance -> why it was declared dead
+
+    def add_instance(self, instance_id: int) -> None:
+        """A new member (ids are never reused: a replacement gets a new one)."""
+        if not isinstance(instance_id, int) or instance_id < 0 or instance_id in self._status:
+            raise ValueError(f"instance id {instance_id!r} is in use or invalid")
+        self.members.append(instance_id)
+        self._status[instance_id] = None
+        self._received_at[instance_id] = 0.0
+
+    def live_members(self) -> list[int]:
+        return [i for i in self.members if i not in self.dead]
 
     # ---------------------------------------------------------------- heartbeats
     def heartbeat(self, beat: Heartbeat, now: float) -> bool:
@@ -69,7 +81,7 @@ class GManager:
     def alive_instances(self, now: float) -> list[int]:
         """Instances heard from at most `heartbeat_timeout_s` ago and not declared dead."""
         return [
-            i for i, s in enumerate(self._status)
+            i for i, s in self._status.items()
             if s is not None and i not in self.dead and now - self._received_at[i] <= self.heartbeat_timeout_s
         ]
 
@@ -98,7 +110,7 @@ class GManager:
         """Declare dead every instance whose heartbeats or step loop stopped for the timeout;
         returns (instance, reason) for each newly dead one."""
         newly = []
-        for i, beat in enumerate(self._status):
+        for i, beat in self._status.items():
             if beat is None or i in self.dead:
                 continue
             if self.heartbeat_age(i, now) > self.heartbeat_timeout_s:
@@ -169,7 +181,7 @@ class GManager:
     def cluster_view(self, block_size: int) -> tuple[list[InstanceView], list[RequestKV]]:
         """The rebalancer's inputs, as the heartbeats describe the cluster."""
         views = []
-        for i, s in enumerate(self._status):
+        for i, s in self._status.items():
             if s is None or i in self.dead:
                 continue
             load = s.load
@@ -203,7 +215,5 @@ class GManager:
         ]
 
     def _check_instance(self, instance_id: int) -> None:
-        if not isinstance(instance_id, int) or not 0 <= instance_id < self.num_instances:
-            raise ValueError(
-                f"instance id {instance_id!r} out of range (cluster has {self.num_instances})"
-            )
+        if instance_id not in self._status:
+            raise ValueError(f"instance id {instance_id!r} is not a member (members: {self.members})")

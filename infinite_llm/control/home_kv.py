@@ -2,7 +2,8 @@
 
 The home's own pool comes first: a request's new KV goes to the home while it has room, and
 only when it is full are blocks borrowed from the creditors the gManager names (`infinite`).
-`static` never borrows; `striped` puts block j of a request on instance (home + j) % N.
+`static` never borrows; `striped` puts block j of a request on the j-th live member after the
+home (ids in order, wrapping).
 Everything that crosses instances goes through a `PeerLink` (borrow -> grant/refuse, release,
 attach), which the instance engine implements with messages and the simulator with priced
 calls. Allocation is all-or-nothing: a refusal part-way gives back what was taken.
@@ -75,12 +76,22 @@ class HomeKV:
         self.home = rmanager.instance_id
         self.block_size = block_size
         self.placement = placement
-        self.num_instances = num_instances
+        self.members: list[int] = list(range(num_instances))  # live instances, ids in order
         self.peers = peers
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self._tables: dict[str, list[BlockRef]] = {}
         self._reserved: dict[str, list[BlockRef]] = {}
         self._counts: dict[str, Counter[int]] = {}  # request -> instance -> blocks in its table
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.members)
+
+    def set_members(self, live: list[int]) -> None:
+        """The live instances changed (one died, was removed, or joined)."""
+        if self.home not in live:
+            raise ValueError(f"the home instance {self.home} must be a live member")
+        self.members = sorted(live)
 
     # ------------------------------------------------------------------ queries
     def block_table(self, request_id: str) -> list[BlockRef]:
@@ -105,12 +116,10 @@ class HomeKV:
         have = len(self._tables.get(request_id, []))
         return max(0, -(-total_tokens // self.block_size) - have)
 
-    def max_tokens_per_request(self, num_blocks_per_instance: int, lend_cap: int,
-                               num_instances: Optional[int] = None) -> int:
-        """The longest context one request homed here could hold with the cluster (or its
-        `num_instances` live members) empty."""
-        n = self.num_instances if num_instances is None else num_instances
-        return max_tokens_per_request(self.placement, n, num_blocks_per_instance, lend_cap, self.block_size)
+    def max_tokens_per_request(self, num_blocks_per_instance: int, lend_cap: int) -> int:
+        """The longest context one request homed here could hold with the live members empty."""
+        return max_tokens_per_request(self.placement, self.num_instances, num_blocks_per_instance, lend_cap,
+                                      self.block_size)
 
     def placement_of(self, request_id: str, num_computed_tokens: int) -> RequestPlacement:
         """What the gManager needs to plan moves of this request."""
@@ -170,11 +179,12 @@ class HomeKV:
         return refs
 
     def _allocate_striped(self, request_id: str, start: int, need: int) -> Optional[list[BlockRef]]:
-        """Block j on (home + j) % N; an instance that refuses is skipped for the rest."""
-        n = self.num_instances
+        """Block j on the j-th member after the home; one that refuses is skipped for the rest."""
+        members = self.members
+        n, first = len(members), members.index(self.home)
         wanted: dict[int, list[int]] = {}
         for index in range(start, start + need):
-            wanted.setdefault((self.home + index) % n, []).append(index)
+            wanted.setdefault(members[(first + index) % n], []).append(index)
         placed: dict[int, BlockRef] = {}
         refused: set[int] = set()
         while wanted:
@@ -185,7 +195,7 @@ class HomeKV:
                 placed.update(zip(indices, got))
                 continue
             refused.add(instance)
-            others = [i for i in range(n) if i not in refused]
+            others = [i for i in members if i not in refused]
             if not others:
                 self._give_back(request_id, list(placed.values()))
                 return None

@@ -15,8 +15,10 @@ protocols below rely on exactly that:
 - migration data: home -> source holder `CopyBlock`, source -> target `BlockData`,
   target -> home `CopyDone`.
 - membership: a crashing instance (or the launcher that saw its process die) -> gManager
-  `InstanceFailed`; gManager -> every instance and the router `InstanceDown` once it declares an
-  instance dead. Instance ids are never reused, so an id is also the generation that fences a
+  `InstanceFailed`; operator -> gManager `RemoveInstance`; gManager -> every instance and the
+  router `InstanceDown` once it declares an instance dead or removed. The launcher -> gManager
+  `InstanceJoined` for a new instance, which the gManager passes on to everyone (and tells the
+  newcomer, with `InstanceDown`s, who is already dead). Instance ids are never reused, so an id is also the generation that fences a
   dead instance's late messages (`sender_of`).
 """
 
@@ -275,6 +277,23 @@ class InstanceFailed:
 
     instance: int
     reason: str
+
+
+@dataclass
+class InstanceJoined:
+    """The launcher -> gManager -> all: a new instance (a new id) is part of the cluster. The
+    launcher has already told every peer its address."""
+
+    instance: int
+
+
+@dataclass
+class RemoveInstance:
+    """Operator -> gManager: take `instance` out of the cluster. It is announced down like a
+    dead one (its requests are recomputed elsewhere) and stops itself on hearing it."""
+
+    instance: int
+    reason: str = "removed by the operator"
 
 
 @dataclass

@@ -165,10 +165,10 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
-    def shrink_max_context(self, tokens: int, now: float) -> list[Request]:
-        """The cluster lost capacity: cap the context at `tokens` and finish (abort) the requests
-        that could no longer complete; returns them."""
-        self._max_context = min(self._max_context, tokens)
+    def set_max_context(self, tokens: int, now: float) -> list[Request]:
+        """The cluster's membership changed: the context cap is now `tokens`. Finishes (aborts)
+        the requests that could no longer complete and returns them."""
+        self._max_context = tokens
         too_long = [
             r for r in [*self.running, *self.waiting]
             if r.num_prompt_tokens + (r.sampling.max_tokens or 1) > self._max_context

@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) on top of `AsyncLLMEngine`.
 
 Endpoints: /v1/completions, /v1/chat/completions (streaming as server-sent events or not),
-/v1/models, /health, /metrics (Prometheus). Errors use OpenAI's body
+/v1/models, /health (per-instance liveness; 503 only when no instance can serve), /metrics
+(Prometheus), and /admin/instances (GET: list, POST: add one, DELETE /admin/instances/{id}:
+drain one). Errors use OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (FastAPI's 422 validation
 answers are turned into 400; a bad sampling parameter names itself in `param`), 404 for an
 unknown model, 413 for a body over `max_request_bytes` (refused before it is parsed), 429 when
@@ -600,6 +602,33 @@ async def health(request: Request) -> Response:
         return JSONResponse(body, status_code=503)
     status = "ok" if all(i["state"] == "alive" for i in instances) else "degraded"
     return JSONResponse({"status": status, "instances": instances})
+
+
+@router.get("/admin/instances")
+async def list_instances(request: Request) -> JSONResponse:
+    return JSONResponse({"instances": _engine(request).instance_health()})
+
+
+@router.post("/admin/instances")
+async def add_instance(request: Request) -> JSONResponse:
+    """Start one more instance (also how a dead one is replaced: the new one gets a new id)."""
+    engine = _engine(request)
+    try:
+        instance = await asyncio.to_thread(engine.add_instance)
+    except Exception as exc:  # noqa: BLE001 - reported to the operator
+        raise _api_error_from(exc) from exc
+    return JSONResponse({"instance": instance, "instances": engine.instance_health()}, status_code=201)
+
+
+@router.delete("/admin/instances/{instance}")
+async def remove_instance(request: Request, instance: int) -> JSONResponse:
+    """Drain an instance: its requests (and those with KV on it) are recomputed elsewhere."""
+    engine = _engine(request)
+    try:
+        engine.remove_instance(instance)
+    except Exception as exc:  # noqa: BLE001 - e.g. not a live instance: 400
+        raise _api_error_from(exc) from exc
+    return JSONResponse({"removed": instance})
 
 
 @router.get("/metrics")

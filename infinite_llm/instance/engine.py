@@ -59,7 +59,7 @@ class _Call:
 
 class InstanceEngine:
     def __init__(self, rank: int, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module,
-                 endpoint: Endpoint, device: str = "cpu") -> None:
+                 endpoint: Endpoint, device: str = "cpu", members: Optional[list[int]] = None) -> None:
         cache_cfg, cluster = config.cache, config.cluster
         self.rank = rank
         self.config = config
@@ -69,9 +69,13 @@ class InstanceEngine:
         blocks = cache_cfg.num_blocks_per_instance
         self.lend_cap = lend_cap_for(cluster.placement, blocks, cache_cfg.lend_fraction)
         self.rm = RManager(rank, blocks, self.lend_cap)
+        # Instances ever in the cluster (ids are never reused); `dead` holds those gone since.
+        self.members: set[int] = set(members if members is not None else range(cluster.num_instances))
+        self.dead: set[int] = set()
         self.kv = HomeKV(self.rm, cache_cfg.block_size, cluster.placement, cluster.num_instances, self, self.lock)
-        max_context = min(self.kv.max_tokens_per_request(blocks, self.lend_cap), model_config.max_position_embeddings)
-        self.scheduler = Scheduler(config.scheduler, self.kv, max_context)
+        self.kv.set_members(sorted(self.members))
+        self.max_position = model_config.max_position_embeddings
+        self.scheduler = Scheduler(config.scheduler, self.kv, self._capacity())
         self.migrations = HomeMigrations(self.kv, cluster.migration_tokens_per_step, self)
         sched = config.scheduler
         self.pacer = PrefillPacer(sched.max_num_batched_tokens, sched.prefill_slowdown, sched.lone_prefill_slowdown)
@@ -95,7 +99,6 @@ class InstanceEngine:
         self._heartbeat_seq = itertools.count(1)
         self.num_steps = 0
         self.num_recomputed = 0
-        self.dead: set[int] = set()  # peers declared dead: their messages are dropped
         self.fenced = False  # this instance was declared dead
         self._loop_tick = time.monotonic()
         self.failed: Optional[BaseException] = None
@@ -237,6 +240,9 @@ class InstanceEngine:
                 self.migrations.add_order(item)
             elif isinstance(item, m.InstanceDown):
                 self._recover_from(item.instance)
+            elif isinstance(item, m.InstanceJoined):
+                self.members.add(item.instance)
+                self._membership_changed(f"instance {item.instance} joined")
 
     def _recover_from(self, dead: int) -> None:
         """Free what was lent to the dead instance and recompute, here, the requests that had KV
@@ -251,18 +257,26 @@ class InstanceEngine:
             self.migrations.forget(request.request_id)
             self.scheduler.recompute(request)
         self.num_recomputed += len(lost)
-        live = self.config.cluster.num_instances - len(self.dead)
-        capacity = min(self.kv.max_tokens_per_request(self.rm.pool.num_blocks, self.lend_cap, live),
-                       self.scheduler.max_context())
-        too_long = self.scheduler.shrink_max_context(capacity, time.monotonic())
-        errors = {r.request_id: f"instance {dead} died and the {live} live instance(s) hold at most {capacity} "
-                                f"tokens per request; this request needs {r.num_prompt_tokens + (r.sampling.max_tokens or 1)}"
-                  for r in too_long}
-        if too_long:
-            self._report(too_long, errors)
         if lost:
             logger.warning("instance %d: recomputing %d request(s) that had KV on dead instance %d",
                            self.rank, len(lost), dead)
+        self._membership_changed(f"instance {dead} died")
+
+    def _capacity(self) -> int:
+        return min(self.kv.max_tokens_per_request(self.rm.pool.num_blocks, self.lend_cap), self.max_position)
+
+    def _membership_changed(self, why: str) -> None:
+        """Re-stripe over the live members and re-cap the context; fail what no longer fits."""
+        live = sorted(self.members - self.dead)
+        self.kv.set_members(live)
+        capacity = self._capacity()
+        too_long = self.scheduler.set_max_context(capacity, time.monotonic())
+        if too_long:
+            self._report(too_long, {
+                r.request_id: f"{why} and the {len(live)} live instance(s) hold at most {capacity} tokens per "
+                              f"request; this request needs {r.num_prompt_tokens + (r.sampling.max_tokens or 1)}"
+                for r in too_long
+            })
 
     def _admit(self, request: Request) -> None:
         try:
@@ -293,7 +307,7 @@ class InstanceEngine:
             if isinstance(message, m.InstanceDown):
                 self._on_instance_down(message)
                 continue
-            if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder)):
+            if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder, m.InstanceJoined)):
                 self._inbound.append(message)
                 self._wake.set()
                 continue

@@ -44,7 +44,7 @@ def test_older_or_repeated_heartbeats_are_ignored():
 
 
 def test_heartbeat_from_unknown_instance_rejected():
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="is not a member"):
         GManager(2).heartbeat(beat(2, 1), now=0.0)
     with pytest.raises(ValueError):
         GManager(0)
@@ -104,7 +104,7 @@ def test_candidate_creditors_ordering():
     assert g.candidate_creditors(1, 8, now=0.0) == [(0, 10), (2, 7), (3, 7)]
     with pytest.raises(ValueError):
         g.candidate_creditors(0, -1, now=0.0)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="is not a member"):
         g.candidate_creditors(9, 1, now=0.0)
 
 
@@ -226,3 +226,16 @@ def test_dead_is_final_and_fences_heartbeats():
     assert [c for c, _ in g.candidate_creditors(0, 1, now=0.2)] == [1]
     views, _ = g.cluster_view(block_size=8)
     assert [v.instance_id for v in views] == [0, 1]
+
+
+def test_added_instance_gets_a_new_id_and_is_judged_like_the_others():
+    g = GManager(2, heartbeat_timeout_s=3.0)
+    g.declare_dead(1, "killed")
+    g.add_instance(2)
+    with pytest.raises(ValueError, match="in use"):
+        g.add_instance(1)  # ids are never reused
+    assert g.members == [0, 1, 2] and g.live_members() == [0, 2]
+    g.heartbeat(beat(2, 1, lendable=6), now=1.0)
+    g.heartbeat(beat(0, 1, lendable=2), now=1.0)
+    assert [c for c, _ in g.candidate_creditors(0, 4, now=1.5)] == [2]
+    assert g.check_liveness(now=4.5) == [(0, "no heartbeat for 3.5 s"), (2, "no heartbeat for 3.5 s")]
