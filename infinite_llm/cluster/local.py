@@ -93,6 +93,10 @@ class LocalCluster:
         return states
 
     def shutdown(self) -> None:
+        # The gManager first, so instances stopping one after another are not declared dead and
+        # recovered from; then every instance is told to stop before any is waited for.
+        self.gmanager.stop()
+        for instance in self.instances:
+            instance.stop(timeout_s=0)
         for instance in self.instances:
             instance.stop()
-        self.gmanager.stop()

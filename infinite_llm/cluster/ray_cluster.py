@@ -158,8 +158,9 @@ class RayCluster:
         self.peers[rank] = address
         self.router_endpoint.connect({rank: address})
         others = self.actors[:rank] + [self.gmanager]
-        # An actor that is dead fails its call; it needs no address any more.
-        ray.wait([a.connect.remote({rank: address}) for a in others], num_returns=len(others), timeout=30)
+        # A dead actor fails the call and a stopped one never answers: neither needs the address,
+        # and neither may hold up the others.
+        ray.wait([a.connect.remote({rank: address}) for a in others], num_returns=len(others), timeout=5)
         self.router_endpoint.send(GMANAGER, InstanceJoined(rank))
         self.pids.append(ray.get(actor.start.remote(self.peers, list(range(rank + 1))), timeout=300))
         with self._lock:
@@ -231,10 +232,11 @@ class RayCluster:
         if not ray.is_initialized():
             return
         actors = self.actors + [self.gmanager]
-        try:
-            ray.get([a.stop.remote() for a in actors], timeout=30)
+        try:  # the gManager first: instances stopping one by one must not be "recovered" from
+            ray.get(self.gmanager.stop.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
+        ray.wait([a.stop.remote() for a in self.actors], num_returns=len(self.actors), timeout=15)
         for actor in actors:
             ray.kill(actor)
         self.actors = []

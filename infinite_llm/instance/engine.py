@@ -91,6 +91,7 @@ class InstanceEngine:
         self._calls: dict[int, _Call] = {}
         self._tags = itertools.count()
         self._stop = threading.Event()
+        self._closed = False  # the endpoint
         self._reported: dict[str, int] = {}  # request -> output tokens already reported
         self._placements: dict[str, m.RequestPlacement] = {}
         self._placement_delta: tuple[list[m.RequestPlacement], list[str]] = ([], [])
@@ -112,11 +113,14 @@ class InstanceEngine:
             self._threads.append(thread)
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask every thread to exit and wait up to `timeout_s` for each (0: do not wait)."""
         self._stop.set()
         self._wake.set()
-        self.endpoint.close()
+        if not self._closed:
+            self._closed = True
+            self.endpoint.close()
         for thread in self._threads:
-            if thread is not threading.current_thread():
+            if timeout_s and thread is not threading.current_thread():
                 thread.join(timeout_s)
 
     # ------------------------------------------------------------------ step loop
