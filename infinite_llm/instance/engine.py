@@ -59,9 +59,11 @@ class _Call:
 
 class InstanceEngine:
     def __init__(self, rank: int, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module,
-                 endpoint: Endpoint, device: str = "cpu", members: Optional[list[int]] = None) -> None:
+                 endpoint: Endpoint, device: str = "cpu", members: Optional[list[int]] = None,
+                 host: str = "") -> None:
         cache_cfg, cluster = config.cache, config.cluster
         self.rank = rank
+        self.host = host
         self.config = config
         self.endpoint = endpoint
         self.device = torch.device(device)
@@ -461,7 +463,7 @@ class InstanceEngine:
                 instance=self.rank, seq=next(self._heartbeat_seq), sent_time=time.monotonic(),
                 num_blocks=self.rm.pool.num_blocks, num_free=self.rm.num_free, num_lent=self.rm.num_lent,
                 num_borrowed=self.rm.num_borrowed, lendable=self.rm.lendable, load=self._load,
-                placements=changed, removed=removed, loop_age_s=time.monotonic() - self._loop_tick,
+                placements=changed, removed=removed, loop_age_s=time.monotonic() - self._loop_tick, host=self.host,
             )
 
     def _heartbeats(self) -> None:
