@@ -37,6 +37,9 @@ GMANAGER = "gmanager"
 @dataclass
 class AddRequest:
     request: Request
+    # Re-dispatched after its home died: admitted past the waiting-queue limit (it was admitted
+    # once already, and a full queue must not lose it).
+    resumed: bool = False
 
 
 @dataclass

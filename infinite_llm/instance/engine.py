@@ -236,7 +236,7 @@ class InstanceEngine:
         while self._inbound:
             item = self._inbound.popleft()
             if isinstance(item, m.AddRequest):
-                self._admit(item.request)
+                self._admit(item.request, item.resumed)
             elif isinstance(item, m.AbortRequest):
                 request = self.scheduler.abort(item.request_id)
                 if request is not None:
@@ -284,9 +284,9 @@ class InstanceEngine:
                 for r in too_long
             })
 
-    def _admit(self, request: Request) -> None:
+    def _admit(self, request: Request, resumed: bool = False) -> None:
         try:
-            self.scheduler.add_request(request)
+            self.scheduler.add_request(request, enforce_queue_limit=not resumed)
         except Exception as exc:  # noqa: BLE001 - the router validated; this request fails alone
             request.finish_reason = FinishReason.ABORT
             self.endpoint.send(m.ROUTER, [m.RequestUpdate(self.rank, request.request_id, [], True, "abort",
