@@ -97,6 +97,8 @@ class ClusterConfig:
     # An instance whose heartbeats (or whose step loop) stop for this long is declared dead; its
     # requests are recomputed on the others.
     instance_timeout_s: float = 5.0
+    # The rebalancer counts a block copied between hosts as this many copies within one host.
+    cross_host_copy_factor: float = 4.0
     # A home gives up on a holder's attention partial after this long (the step's requests fail).
     attention_timeout_s: float = 60.0
     # Test hook, off by default: instance -> extra seconds slept in every step (a straggler).

@@ -277,7 +277,7 @@ class LLMEngine:
             if tracked.finished or request.home != dead:
                 continue
             try:
-                request.home = self.router.dispatch(request)
+                request.home = self.router.dispatch(request, resumed=True)
             except NoLiveInstanceError as exc:
                 self._finish(tracked, FinishReason.ABORT, error=f"instance {dead} died and {exc}")
                 failed.append(self._output(tracked, tracked.detok.flush()))

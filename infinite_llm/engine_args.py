@@ -39,6 +39,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--instance-timeout", type=float, default=5.0, dest="instance_timeout_s",
                    help="declare an instance dead when its heartbeats or step loop stop this long (s); "
                         "its requests are then recomputed on the other instances")
+    g.add_argument("--cross-host-copy-factor", type=float, default=4.0,
+                   help="the rebalancer counts a KV block copied between hosts as this many copies within one")
     g.add_argument("--migration-tokens-per-step", type=int, default=256)
     g.add_argument("--perf-model", default=None, help="profiled perf model JSON (from `infinite-llm profile`)")
     g.add_argument("--seed", type=int, default=0)
@@ -63,6 +65,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             rebalance_interval_s=args.rebalance_interval_s,
             heartbeat_interval_s=args.heartbeat_interval_s,
             instance_timeout_s=args.instance_timeout_s,
+            cross_host_copy_factor=args.cross_host_copy_factor,
             migration_tokens_per_step=args.migration_tokens_per_step,
             perf_model_path=args.perf_model,
         ),

@@ -25,12 +25,14 @@ logger = logging.getLogger(__name__)
 class GManagerService:
     def __init__(self, endpoint: Endpoint, num_instances: int, perf: PerfModel, block_size: int,
                  rebalance: bool, rebalance_interval_s: float, view_interval_s: float = 0.05,
-                 heartbeat_timeout_s: float = 5.0, copy_s_per_block: float = 0.0) -> None:
+                 heartbeat_timeout_s: float = 5.0, copy_s_per_block: float = 0.0,
+                 cross_host_copy_factor: float = 1.0) -> None:
         self.endpoint = endpoint
         self.gm = GManager(num_instances, heartbeat_timeout_s)
         self.perf = perf
         # A move's gain counts until the next plan, which may undo or extend it.
         self.rebalancer_config = RebalancerConfig(block_size=block_size, copy_s_per_block=copy_s_per_block,
+                                                  cross_host_copy_factor=cross_host_copy_factor,
                                                   horizon_s=rebalance_interval_s)
         self.rebalance = rebalance
         self.rebalance_interval_s = rebalance_interval_s

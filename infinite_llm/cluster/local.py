@@ -32,6 +32,7 @@ def make_gmanager(endpoint, config: EngineConfig, model_config: ModelConfig) -> 
         endpoint, cluster.num_instances, perf_model_for(config, model_config), config.cache.block_size,
         rebalance=cluster.placement == "infinite", rebalance_interval_s=cluster.rebalance_interval_s,
         copy_s_per_block=copy_s_per_block(config, model_config), heartbeat_timeout_s=cluster.instance_timeout_s,
+        cross_host_copy_factor=cluster.cross_host_copy_factor,
     )
 
 

@@ -6,6 +6,10 @@ router's too) and hands the full map to every actor, after which any pair talks 
 With no `ray_address` an embedded local Ray is started (the default); with one (e.g. "auto")
 the instances are placed on an existing cluster, one per GPU when the device is CUDA.
 
+Placement: each new instance actor goes to the live Ray node (with a free CPU, or a GPU on CUDA)
+that hosts the fewest of this cluster's instances, so instances spread one per host (or device)
+before any host gets a second; on the embedded single-node Ray they all share the one node.
+
 A watcher thread keeps one long call (`wait_stopped`) open on every instance actor: when Ray
 reports the actor dead (its process was killed or crashed), the watcher tells the gManager at
 once with `InstanceFailed`, instead of waiting for the heartbeat timeout.
@@ -16,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
+from pathlib import Path
 from typing import Collection, Optional
 
 from infinite_llm.cluster.local import make_gmanager
@@ -28,18 +34,19 @@ logger = logging.getLogger(__name__)
 class _InstanceActor:
     """The body of a Ray actor; wrapped with ray.remote at start-up."""
 
-    def __init__(self, rank: int, config: EngineConfig, model_path: str, model_config: ModelConfig,
-                 num_threads: int) -> None:
+    def __init__(self, rank: int, config: EngineConfig, model_spec: str, model_fingerprint: str,
+                 model_config: ModelConfig, num_threads: int) -> None:
         import ray
 
         from infinite_llm.transport.zmq_transport import ZmqEndpoint
 
         self.rank = rank
         self.config = config
-        self.model_path = model_path
+        self.model_spec, self.model_fingerprint = model_spec, model_fingerprint
         self.model_config = model_config
         self.num_threads = num_threads
-        self.endpoint = ZmqEndpoint(rank, bind_host=ray.util.get_node_ip_address())
+        self.host = ray.util.get_node_ip_address()
+        self.endpoint = ZmqEndpoint(rank, bind_host=self.host)
         self.engine = None
         self._stopped = threading.Event()
 
@@ -54,6 +61,7 @@ class _InstanceActor:
         import torch
 
         from infinite_llm.instance.engine import InstanceEngine
+        from infinite_llm.model.files import resolve_on_this_host
         from infinite_llm.model.loader import load_model
 
         torch.set_num_threads(self.num_threads)
@@ -62,11 +70,13 @@ class _InstanceActor:
             torch.cuda.set_device(0)  # Ray exposes exactly the GPU assigned to this actor
             device = "cuda:0"
         dtype = self.config.cache.dtype if self.config.cache.dtype != "auto" else None
-        _, model = load_model(self.model_path, device=device, dtype=dtype)
+        # The files on this actor's host, not a path of the driver's.
+        path = resolve_on_this_host(self.model_spec, self.model_fingerprint)
+        _, model = load_model(path, device=device, dtype=dtype)
         model.eval()
         self.endpoint.connect(peers)
         self.engine = InstanceEngine(self.rank, self.config, self.model_config, model, self.endpoint, device=device,
-                                     members=members)
+                                     members=members, host=self.host)
         self.engine.start()
         return os.getpid()
 
@@ -126,12 +136,20 @@ class RayCluster:
         n = cluster.num_instances
         self._closing = threading.Event()
         self._started_ray = self._init_ray(cluster.ray_address, n)
-        on_gpu = cluster.device.startswith("cuda")
+        self._on_gpu = on_gpu = cluster.device.startswith("cuda")
+        self._node_of: dict[int, str] = {}  # rank -> Ray node id it was placed on
+        self._gone: set[int] = set()  # ranks whose actor died
         # max_concurrency: `wait_stopped` stays open while the other calls are served.
         self._actor_cls = ray.remote(num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0,
                                      max_concurrency=4)(_InstanceActor)
-        self._actor_args = (config, model_path, model_config, max(1, (os.cpu_count() or 1) // n))
-        self.actors = [self._actor_cls.remote(rank, *self._actor_args) for rank in range(n)]  # index = id
+        from infinite_llm.model.files import fingerprint
+
+        # Each actor resolves the model on its own host: "default" is rebuilt there; a checkpoint
+        # folder must be at the same absolute path (checked by fingerprint).
+        spec = "default" if config.model == "default" else str(Path(model_path).resolve())
+        self._actor_args = (config, spec, fingerprint(Path(model_path)), model_config,
+                            max(1, (os.cpu_count() or 1) // n))
+        self.actors = [self._new_actor(rank) for rank in range(n)]  # index = id
         self.gmanager = ray.remote(num_cpus=0)(_GManagerActor).remote(config, model_config)
         addresses = ray.get([a.address.remote() for a in self.actors], timeout=120)
         self.router_endpoint = ZmqEndpoint(ROUTER, bind_host=ray.util.get_node_ip_address())
@@ -152,7 +170,7 @@ class RayCluster:
 
         with self._lock:
             rank = len(self.actors)
-            actor = self._actor_cls.remote(rank, *self._actor_args)
+            actor = self._new_actor(rank)
             self.actors.append(actor)
         address = ray.get(actor.address.remote(), timeout=120)
         self.peers[rank] = address
@@ -166,6 +184,26 @@ class RayCluster:
         with self._lock:
             self._watched[actor.wait_stopped.remote()] = rank
         return rank
+
+    def _new_actor(self, rank: int):
+        """Start the actor of instance `rank` on the least-used live node that can take it."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        need = "GPU" if self._on_gpu else "CPU"
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(need, 0) >= 1)
+        options = {}
+        if nodes:
+            used = Counter(node for r, node in self._node_of.items() if r not in self._gone)
+            node = min(nodes, key=lambda n: used[n])
+            self._node_of[rank] = node
+            # soft: if that node cannot take it after all, Ray places it elsewhere.
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        return self._actor_cls.options(**options).remote(rank, *self._actor_args)
+
+    def node_of(self, rank: int) -> Optional[str]:
+        """The Ray node the instance was placed on."""
+        return self._node_of.get(rank)
 
     def remove_instance(self, rank: int) -> None:
         self.router_endpoint.send(GMANAGER, RemoveInstance(rank))
@@ -192,6 +230,7 @@ class RayCluster:
                 if self._closing.is_set():
                     return
                 logger.warning("instance %d: %s", rank, reason)
+                self._gone.add(rank)
                 try:
                     self.router_endpoint.send(GMANAGER, InstanceFailed(rank, reason))
                 except Exception:  # noqa: BLE001 - the heartbeat timeout still catches it

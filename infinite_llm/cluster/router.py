@@ -56,7 +56,7 @@ class Router:
             time.sleep(0.005)
 
     # ------------------------------------------------------------------ requests
-    def dispatch(self, request: Request, home: Optional[int] = None) -> int:
+    def dispatch(self, request: Request, home: Optional[int] = None, resumed: bool = False) -> int:
         """Send a copy of the request (with the tokens generated so far, which its new home
         recomputes) to its home; the caller keeps its own object. Raises NoLiveInstanceError
         when every instance is dead, ValueError for a dead `home`."""
@@ -69,7 +69,7 @@ class Router:
         request.output_token_ids = list(request.output_token_ids)
         request.home = home
         self.homes[request.request_id] = home
-        self.endpoint.send(home, m.AddRequest(request))
+        self.endpoint.send(home, m.AddRequest(request, resumed))
         return home
 
     def abort(self, request_id: str) -> None:

@@ -86,6 +86,10 @@ class GManager:
         ]
 
     # ---------------------------------------------------------------- liveness
+    def host_of(self, instance_id: int) -> str:
+        beat = self._status.get(instance_id)
+        return beat.host if beat is not None else ""
+
     def heartbeat_age(self, instance_id: int, now: float) -> float:
         """Seconds since the instance's latest heartbeat arrived (inf: never heard from)."""
         if self._status[instance_id] is None:
@@ -163,8 +167,8 @@ class GManager:
         """(instance, lendable) of instances that may lend to `debtor`, best first.
 
         Alive instances other than the debtor with lendable > 0 as last reported; those that can
-        lend all `n_blocks` first, then the most lendable (fewest creditors per request); ties
-        by lowest id.
+        lend all `n_blocks` first, then those on the debtor's host (attention and copies stay off
+        the network), then the most lendable (fewest creditors per request); ties by lowest id.
         """
         self._check_instance(debtor)
         if n_blocks < 0:
@@ -174,7 +178,8 @@ class GManager:
             (i, s.lendable) for i in self.alive_instances(now)
             if i not in excluded and (s := self._status[i]) is not None and s.lendable > 0
         ]
-        candidates.sort(key=lambda c: (c[1] < n_blocks, -c[1], c[0]))
+        host = self.host_of(debtor)
+        candidates.sort(key=lambda c: (c[1] < n_blocks, self.host_of(c[0]) != host, -c[1], c[0]))
         return candidates
 
     # ---------------------------------------------------------------- rebalancer
@@ -192,7 +197,7 @@ class GManager:
             views.append(InstanceView(
                 instance_id=i, num_blocks=s.num_blocks, num_free=s.num_free, lendable=s.lendable,
                 batch_size=load.batch_size, num_waiting_for_memory=load.num_waiting_for_memory,
-                avg_request_tokens=avg,
+                avg_request_tokens=avg, host=s.host,
             ))
         known = {v.instance_id for v in views}
         requests = [

@@ -37,6 +37,9 @@ GMANAGER = "gmanager"
 @dataclass
 class AddRequest:
     request: Request
+    # Re-dispatched after its home died: admitted past the waiting-queue limit (it was admitted
+    # once already, and a full queue must not lose it).
+    resumed: bool = False
 
 
 @dataclass
@@ -203,6 +206,7 @@ class Heartbeat:
     # Seconds since the step loop last went round: a loop hung in a kernel or a deadlock shows
     # here even though this thread still beats.
     loop_age_s: float = 0.0
+    host: str = ""  # the machine the instance runs on (block copies between hosts cost more)
 
     def status(self, state: str = "alive", heartbeat_age_s: float = 0.0) -> InstanceStatus:
         return InstanceStatus(self.instance, self.num_blocks, self.num_free, self.num_lent, self.num_borrowed,

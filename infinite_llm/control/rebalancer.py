@@ -110,6 +110,7 @@ class InstanceView:
     num_waiting_for_memory: int = 0
     avg_request_tokens: float = 0
     unlisted_kv_tokens: int = 0
+    host: str = ""  # instances on one host copy blocks without crossing the network
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,9 @@ class RebalancerConfig:
     copy_s_per_block: float = 0.0
     # Seconds over which a move's gain is counted against its copy cost (the rebalance period).
     horizon_s: float = 1.0
+    # A block copied between two hosts costs this many times `copy_s_per_block` (the network is
+    # slower than the links within a host).
+    cross_host_copy_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
@@ -144,6 +148,10 @@ class RebalancerConfig:
         if not math.isfinite(self.copy_s_per_block) or self.copy_s_per_block < 0:
             raise ValueError(
                 f"RebalancerConfig.copy_s_per_block must be finite and >= 0, got {self.copy_s_per_block}"
+            )
+        if not math.isfinite(self.cross_host_copy_factor) or self.cross_host_copy_factor < 1:
+            raise ValueError(
+                f"RebalancerConfig.cross_host_copy_factor must be finite and >= 1, got {self.cross_host_copy_factor}"
             )
         if not math.isfinite(self.horizon_s) or self.horizon_s <= 0:
             raise ValueError(f"RebalancerConfig.horizon_s must be finite and > 0, got {self.horizon_s}")
@@ -612,17 +620,37 @@ def _after(state: _State, ctx: _Context, flows: dict[int, int]) -> float:
     return total + 1.0 / _positive(slowest)
 
 
-def _judge(state: _State, cfg: RebalancerConfig, ctx: _Context, flows: dict[int, int],
-           num_blocks: int) -> Optional[_Decision]:
+def _judge(state: _State, cfg: RebalancerConfig, ctx: _Context, flows: dict[int, int]) -> Optional[_Decision]:
     """The move if it qualifies: relative gain above min_gain, and gain over the horizon above
     the tokens its copy costs the touched requests."""
     delta = _after(state, ctx, flows) - ctx.before
     gain = delta / ctx.before if ctx.before > 0 else (math.inf if delta > 0 else 0.0)
-    lost = ctx.before * num_blocks * cfg.copy_s_per_block
+    lost = ctx.before * _copy_s(state, cfg, flows)
     net = delta * cfg.horizon_s - lost
     if not (gain > max(cfg.min_gain, _GAIN_EPSILON) and net > 0):
         return None
     return _Decision(net, ctx.request.request_id, tuple(sorted(flows.items())))
+
+
+def _copy_s(state: _State, cfg: RebalancerConfig, flows: dict[int, int]) -> float:
+    """Link seconds of a move's copies: blocks leave the sources (positive flows) for the
+    destinations (negative), paired in order; a pair on different hosts costs the cross-host
+    factor per block."""
+    sources = [[i, k] for i, k in sorted(flows.items()) if k > 0]
+    cost = 0.0
+    for dst, inflow in sorted(flows.items()):
+        need = -inflow
+        for source in sources:
+            if need <= 0:
+                break
+            take = min(need, source[1])
+            if take <= 0:
+                continue
+            same = state.inst[source[0]].view.host == state.inst[dst].view.host
+            cost += take * cfg.copy_s_per_block * (1.0 if same else cfg.cross_host_copy_factor)
+            source[1] -= take
+            need -= take
+    return cost
 
 
 def _free_memory_move(state: _State, cfg: RebalancerConfig, src: int, req: _Req,
@@ -636,7 +664,7 @@ def _free_memory_move(state: _State, cfg: RebalancerConfig, src: int, req: _Req,
     best: Optional[_Decision] = None
     # Sizes ascend, so on equal gains the smaller move (less traffic) is kept.
     for k in _free_memory_sizes(state, state.inst[src], state.inst[dst], max_blocks):
-        best = _better(best, _judge(state, cfg, ctx, {src: k, dst: -k}, k))
+        best = _better(best, _judge(state, cfg, ctx, {src: k, dst: -k}))
     return best, ctx.deps
 
 
@@ -697,7 +725,7 @@ def _spread_move(state: _State, cfg: RebalancerConfig, req: _Req,
     ctx = _context(state, req, {i for _, flows in options for i in flows})
     best: Optional[_Decision] = None
     for k, flows in options:
-        best = _better(best, _judge(state, cfg, ctx, flows, k))
+        best = _better(best, _judge(state, cfg, ctx, flows))
     return best, sorted(deps | set(ctx.deps))
 
 

@@ -80,7 +80,9 @@ class Scheduler:
         """The longest context (prompt + output) one request can ever hold."""
         return self._max_context
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, enforce_queue_limit: bool = True) -> None:
+        """Queue a request (QueueFullError past `max_waiting`, unless told not to: a request
+        recomputed after its home died was admitted once already)."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if request.num_prompt_tokens == 0:
@@ -94,7 +96,7 @@ class Scheduler:
                 f"({request.sampling.max_tokens}) exceeds the {capacity} tokens of KV cache one "
                 f"request can use under the '{self.kv.placement}' placement policy"
             )
-        if len(self.waiting) >= self.config.max_waiting:
+        if enforce_queue_limit and len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(
                 f"the waiting queue is full ({self.config.max_waiting} requests); retry later"
             )

@@ -59,9 +59,11 @@ class _Call:
 
 class InstanceEngine:
     def __init__(self, rank: int, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module,
-                 endpoint: Endpoint, device: str = "cpu", members: Optional[list[int]] = None) -> None:
+                 endpoint: Endpoint, device: str = "cpu", members: Optional[list[int]] = None,
+                 host: str = "") -> None:
         cache_cfg, cluster = config.cache, config.cluster
         self.rank = rank
+        self.host = host
         self.config = config
         self.endpoint = endpoint
         self.device = torch.device(device)
@@ -234,7 +236,7 @@ class InstanceEngine:
         while self._inbound:
             item = self._inbound.popleft()
             if isinstance(item, m.AddRequest):
-                self._admit(item.request)
+                self._admit(item.request, item.resumed)
             elif isinstance(item, m.AbortRequest):
                 request = self.scheduler.abort(item.request_id)
                 if request is not None:
@@ -282,9 +284,9 @@ class InstanceEngine:
                 for r in too_long
             })
 
-    def _admit(self, request: Request) -> None:
+    def _admit(self, request: Request, resumed: bool = False) -> None:
         try:
-            self.scheduler.add_request(request)
+            self.scheduler.add_request(request, enforce_queue_limit=not resumed)
         except Exception as exc:  # noqa: BLE001 - the router validated; this request fails alone
             request.finish_reason = FinishReason.ABORT
             self.endpoint.send(m.ROUTER, [m.RequestUpdate(self.rank, request.request_id, [], True, "abort",
@@ -461,7 +463,7 @@ class InstanceEngine:
                 instance=self.rank, seq=next(self._heartbeat_seq), sent_time=time.monotonic(),
                 num_blocks=self.rm.pool.num_blocks, num_free=self.rm.num_free, num_lent=self.rm.num_lent,
                 num_borrowed=self.rm.num_borrowed, lendable=self.rm.lendable, load=self._load,
-                placements=changed, removed=removed, loop_age_s=time.monotonic() - self._loop_tick,
+                placements=changed, removed=removed, loop_age_s=time.monotonic() - self._loop_tick, host=self.host,
             )
 
     def _heartbeats(self) -> None:

@@ -12,6 +12,14 @@ tensors) to any other at any time; there is no step layout to agree on. Guarante
 
 Two implementations: `LocalFabric` (threads of one process, objects handed over by reference)
 and `ZmqFabric` (processes/hosts: one PULL socket per endpoint, tensors as raw frames).
+
+Why not NCCL point-to-point: paired isend/irecv must be posted in matching order on both sides
+(ungrouped sends in both directions can deadlock), and a communicator used from a second thread
+can hang, while here any role sends at any time from several threads (step loop, pump,
+heartbeats) and nobody waits for a matching receive. Sockets give exactly the one rule above
+(FIFO per ordered pair) with no matching and no collective; device tensors are staged through
+host memory. A GPU-direct path would have to keep that contract (e.g. one dedicated sender
+thread per pair issuing grouped `batch_isend_irecv`).
 """
 
 from __future__ import annotations

@@ -239,3 +239,15 @@ def test_added_instance_gets_a_new_id_and_is_judged_like_the_others():
     g.heartbeat(beat(0, 1, lendable=2), now=1.0)
     assert [c for c, _ in g.candidate_creditors(0, 4, now=1.5)] == [2]
     assert g.check_liveness(now=4.5) == [(0, "no heartbeat for 3.5 s"), (2, "no heartbeat for 3.5 s")]
+
+
+def test_creditors_on_the_debtors_host_come_first():
+    g = GManager(4)
+    for i, (lendable, host) in enumerate([(0, "a"), (9, "b"), (5, "a"), (7, "b")]):
+        b = beat(i, 1, lendable=lendable)
+        b.host = host
+        g.heartbeat(b, now=0.0)
+    # All three cover 4 blocks; the one on host "a" first, then the rest by lendable.
+    assert [c for c, _ in g.candidate_creditors(0, 4, now=0.0)] == [2, 1, 3]
+    # Covering the request still beats sharing the host.
+    assert [c for c, _ in g.candidate_creditors(0, 6, now=0.0)] == [1, 3, 2]

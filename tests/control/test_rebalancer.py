@@ -1,6 +1,7 @@
 """Tests for the greedy KV rebalancer (independent instances) and the migration rate limiter."""
 
 import copy
+import dataclasses
 import random
 from unittest import mock
 
@@ -184,6 +185,18 @@ def test_copy_cost_and_gain_threshold_block_moves():
     patient = RebalancerConfig(block_size=BS, copy_s_per_block=1e-3, horizon_s=3600.0)
     assert plan_migrations(views, reqs, PERF, costly) == []
     assert plan_migrations(views, reqs, PERF, patient)
+
+
+def test_moves_stay_on_the_debtors_host_when_the_network_costs_more():
+    views, reqs = debtor_scenario([(1, 3000), (2, 3000)])
+    hosts = {0: "a", 1: "b", 2: "a"}  # creditor 1 is as good as 2 but on another host
+    views = [dataclasses.replace(v, host=hosts[v.instance_id]) for v in views]
+    flat = RebalancerConfig(block_size=BS, copy_s_per_block=1e-6)
+    assert {m.dst for m in plan_migrations(views, reqs, PERF, flat)} == {1}  # a tie: the lower id
+    remote_costly = RebalancerConfig(block_size=BS, copy_s_per_block=1e-6, cross_host_copy_factor=1000.0)
+    assert {m.dst for m in plan_migrations(views, reqs, PERF, remote_costly)} == {2}
+    with pytest.raises(ValueError, match="cross_host_copy_factor"):
+        RebalancerConfig(block_size=BS, cross_host_copy_factor=0.5)
 
 
 # ------------------------------------------------------------------------------ memory-bound debtors

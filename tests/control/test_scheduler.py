@@ -331,3 +331,12 @@ def test_random_workloads_finish_without_leaks(num_instances, placement, shapes,
         assert r.finish_reason is not None
         if r.finish_reason == FinishReason.LENGTH:
             assert len(r.output_token_ids) == r.sampling.max_tokens
+
+
+def test_a_resumed_request_is_admitted_past_a_full_waiting_queue():
+    sched = make(max_waiting=1)[0].scheduler
+    sched.add_request(req("a", 4))
+    with pytest.raises(QueueFullError):
+        sched.add_request(req("b", 4))
+    sched.add_request(req("c", 4), enforce_queue_limit=False)
+    assert [r.request_id for r in sched.waiting] == ["a", "c"]
