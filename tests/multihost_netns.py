@@ -12,7 +12,9 @@ here can disturb other work on the machine. Every byte between two hosts crosses
 links; the counters of each host's eth0 are "what went over that host's link".
 
 Processes: a Ray head in h1 and a Ray worker in each other host (`ray start`, each with its own
---temp-dir and 1 CPU, so one instance actor fits per host). They run in the host's network
+--temp-dir). Each host offers `cpus_per_host` CPUs (default 4): more than one instance actor
+fits on a host, so "one instance per host" is the engine's placement at work, not something the
+resources force. They run in the host's network
 namespace but in the machine's pid namespace, so `ray stop` would also kill unrelated Ray
 processes of other users of this machine: cleanup instead kills exactly the processes that
 `ip netns pids` lists in our namespaces, then deletes the namespaces (which deletes the veths).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import fcntl
 import json
 import os
 import shutil
@@ -69,6 +72,7 @@ class Host:
 class Cluster:
     hosts: list[Host]
     ray_port: int = RAY_PORT
+    cpus_per_host: int = 4
     workdir: Path = field(default_factory=lambda: WORKDIR)
 
     @property
@@ -184,12 +188,12 @@ def shape_links(hosts: list[Host], delay_ms: float, rate: str) -> str:
            check=False).returncode == 0:
         for ns, dev in devices[1:]:
             run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *netem])
-        return f"netem delay {delay_ms} ms rate {rate}"
+        return f"netem {delay_ms}ms {rate}"
     # burst: a few 64 KB segments may leave at line speed; latency bounds the queue.
     tbf = ["tbf", "rate", rate, "burst", "256kb", "latency", "50ms"]
     for ns, dev in devices:
         run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *tbf])
-    return f"tbf rate {rate}, NO delay (this kernel has no sch_netem)"
+    return f"tbf {rate}, NO delay (no sch_netem)"
 
 
 def clear_shaping(hosts: list[Host]) -> None:
@@ -214,7 +218,7 @@ def ray_env() -> dict[str, str]:
 def _ray_start_common(host: Host, cluster: Cluster) -> list[str]:
     # Each node its own temp dir: sockets and logs never collide with another node's (or with
     # another Ray on this machine), and cleanup removes them.
-    return ["--node-ip-address", host.ip, "--num-cpus", "1", "--num-gpus", "0",
+    return ["--node-ip-address", host.ip, "--num-cpus", str(cluster.cpus_per_host), "--num-gpus", "0",
             "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats",
             "--temp-dir", str(cluster.workdir / f"ray-{host.ns}")]
 
@@ -270,19 +274,25 @@ def teardown(workdir: Path = WORKDIR) -> None:
 
 
 @contextmanager
-def multihost(num_hosts: int = 3, workdir: Path = WORKDIR) -> Iterator[Cluster]:
+def multihost(num_hosts: int = 3, cpus_per_host: int = 4, workdir: Path = WORKDIR) -> Iterator[Cluster]:
     """Namespaces, links and a running Ray cluster; everything is removed on exit, on error, and
-    (atexit) if the interpreter exits without leaving the block."""
-    teardown(workdir)  # a previous run killed before its cleanup leaves namespaces behind
+    (atexit) if the interpreter exits without leaving the block.
+
+    The namespace names are fixed, so a lock file serializes users of this machine (a second run
+    started meanwhile waits instead of tearing down the first one's hosts).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    atexit.register(teardown, workdir)
-    try:
-        cluster = Cluster(create_topology(num_hosts), workdir=workdir)
-        start_ray(cluster)
-        yield cluster
-    finally:
-        teardown(workdir)
-        atexit.unregister(teardown)
+    with open(workdir / ".multihost.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        teardown(workdir)  # a previous run killed before its cleanup leaves namespaces behind
+        atexit.register(teardown, workdir)
+        try:
+            cluster = Cluster(create_topology(num_hosts), cpus_per_host=cpus_per_host, workdir=workdir)
+            start_ray(cluster)
+            yield cluster
+        finally:
+            teardown(workdir)
+            atexit.unregister(teardown)
 
 
 def run_driver(cluster: Cluster, args: list[str], timeout: float = 240) -> dict:
@@ -400,7 +410,9 @@ def drive(argv: list[str]) -> dict:
     try:
         cluster = engine.cluster
         # Read while the actors live: the engine's shutdown ends their processes.
-        actors = [dict(_actor_facts(a), netns=namespace_of_pid(pid)) for a, pid in zip(cluster.actors, cluster.pids)]
+        actors = [dict(_actor_facts(a), netns=namespace_of_pid(pid),
+                       placed_on=cluster.node_of(rank) if hasattr(cluster, "node_of") else None)
+                  for rank, (a, pid) in enumerate(zip(cluster.actors, cluster.pids))]
         gmanager = _actor_facts(cluster.gmanager)
         gmanager["netns"] = namespace_of_pid(gmanager["pid"])
         batch = json.loads(args.prompts)
