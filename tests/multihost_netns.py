@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 PREFIX = "illm"
 SWITCH_NS = f"{PREFIX}-sw"
@@ -177,12 +177,13 @@ def all_link_bytes(hosts: list[Host]) -> dict[str, dict[str, int]]:
 
 
 def shape_links(hosts: list[Host], delay_ms: float, rate: str) -> str:
-    """Shape every link's egress, both ends (so each direction is shaped once at its sender).
+    """Shape every host's egress (its eth0): each host-to-host packet is delayed and paced once,
+    at its sender, so "0.5 ms" is the one-way delay between two hosts.
 
     Tries netem (delay + rate). Kernels built without sch_netem get tbf with the same rate and
     no delay; the returned string says which was applied.
     """
-    devices = [(h.ns, HOST_IF) for h in hosts] + [(SWITCH_NS, h.switch_port) for h in hosts]
+    devices = [(h.ns, HOST_IF) for h in hosts]
     netem = ["netem", "delay", f"{delay_ms}ms", "rate", rate]
     if run(["tc", "-n", devices[0][0], "qdisc", "replace", "dev", devices[0][1], "root", *netem],
            check=False).returncode == 0:
@@ -197,9 +198,41 @@ def shape_links(hosts: list[Host], delay_ms: float, rate: str) -> str:
 
 
 def clear_shaping(hosts: list[Host]) -> None:
-    devices = [(h.ns, HOST_IF) for h in hosts] + [(SWITCH_NS, h.switch_port) for h in hosts]
-    for ns, dev in devices:
-        run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
+    for host in hosts:
+        run(["tc", "-n", host.ns, "qdisc", "del", "dev", HOST_IF, "root"], check=False)
+
+
+def start_delay_switch(hosts: list[Host], delay_ms: float) -> subprocess.Popen:
+    """Replace the bridge by the user-space delay switch (tests/netns_delay_switch.py): the
+    fallback for link delay where the kernel has no netem. Undo with `stop_delay_switch`."""
+    ports = [h.switch_port for h in hosts]
+    for port in ports:  # off the bridge first: two forwarders would loop frames
+        run(["ip", "-n", SWITCH_NS, "link", "set", port, "nomaster"])
+    proc = subprocess.Popen(
+        in_ns(SWITCH_NS, [sys.executable, "-m", "tests.netns_delay_switch", "--ports", ",".join(ports),
+                          "--delay-ms", str(delay_ms)]),
+        stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=ray_env())
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        _attach_ports(hosts)
+        raise RuntimeError(f"the delay switch did not start (exit {proc.wait()})")
+    return proc
+
+
+def stop_delay_switch(proc: subprocess.Popen, hosts: list[Host]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    _attach_ports(hosts)
+
+
+def _attach_ports(hosts: list[Host]) -> None:
+    for host in hosts:
+        run(["ip", "-n", SWITCH_NS, "link", "set", host.switch_port, "master", "br0"])
 
 
 # ---------------------------------------------------------------------------------- ray
@@ -348,6 +381,17 @@ def _actor_facts(actor) -> dict:
     return ray.get(actor.__ray_call__.remote(facts), timeout=30)
 
 
+def _endpoint_counters(actors) -> list[dict]:
+    """Each actor endpoint's own send counters: messages and serialized bytes (header + tensor
+    frames), i.e. what the engine handed to ZeroMQ, to set beside the links' wire bytes."""
+    import ray
+
+    def counters(self) -> dict:
+        return {"messages": self.endpoint.messages_sent, "bytes": self.endpoint.bytes_sent}
+
+    return ray.get([a.__ray_call__.remote(counters) for a in actors], timeout=30)
+
+
 def _run_requests(engine, batch: list[list[int]], max_tokens: int) -> dict[str, dict]:
     """Each request homed on its own instance (request i on instance i); returns the outputs."""
     from infinite_llm.sampling import SamplingParams
@@ -367,13 +411,30 @@ def _run_requests(engine, batch: list[list[int]], max_tokens: int) -> dict[str, 
             for rid, o in final.items()}
 
 
-def _shape(hosts: list[Host], condition: str) -> str:
-    """Apply a link condition: "none", or "DELAY_MS,RATE" (e.g. "0.5,10gbit")."""
+def apply_condition(hosts: list[Host], condition: str) -> tuple[str, Callable[[], None]]:
+    """Put the links in a condition; returns what was applied and how to undo it.
+
+    "none"; "DELAY_MS,RATE" (tc netem on every link end, or tbf rate-only without sch_netem);
+    "switch:DELAY_MS" or "switch:DELAY_MS,RATE" (the user-space delay switch instead of the
+    bridge, plus a tbf/netem rate when given).
+    """
     clear_shaping(hosts)
     if condition == "none":
-        return "no shaping"
-    delay, rate = condition.split(",")
-    return shape_links(hosts, float(delay), rate)
+        return "bridge, no shaping", lambda: None
+    if not condition.startswith("switch:"):
+        delay, rate = condition.split(",")
+        return shape_links(hosts, float(delay), rate), lambda: clear_shaping(hosts)
+    delay, _, rate = condition.removeprefix("switch:").partition(",")
+    applied = f"user-space switch, {delay} ms"
+    if rate:
+        applied += ", " + shape_links(hosts, 0.0, rate)
+    proc = start_delay_switch(hosts, float(delay))
+
+    def undo() -> None:
+        stop_delay_switch(proc, hosts)
+        clear_shaping(hosts)
+
+    return applied, undo
 
 
 def drive(argv: list[str]) -> dict:
@@ -387,7 +448,7 @@ def drive(argv: list[str]) -> dict:
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--placement", default="striped")
     parser.add_argument("--conditions", default="none",
-                        help='";"-separated link conditions, each "none" or "DELAY_MS,RATE"; run in turn')
+                        help='";"-separated link conditions (see apply_condition), run in turn')
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all conditions (interleaved)")
     args = parser.parse_args(argv)
 
@@ -422,13 +483,20 @@ def drive(argv: list[str]) -> dict:
         runs = []
         for _ in range(args.repeats):
             for condition in args.conditions.split(";"):
-                applied = _shape(hosts, condition)
-                before = all_link_bytes(hosts)
-                t0 = time.monotonic()
-                outputs = _run_requests(engine, batch, args.max_tokens)
-                elapsed = time.monotonic() - t0
+                applied, undo = apply_condition(hosts, condition)
+                try:
+                    sent_before = _endpoint_counters(cluster.actors)
+                    before = all_link_bytes(hosts)
+                    t0 = time.monotonic()
+                    outputs = _run_requests(engine, batch, args.max_tokens)
+                    elapsed = time.monotonic() - t0
+                    after = all_link_bytes(hosts)
+                    sent_after = _endpoint_counters(cluster.actors)
+                finally:
+                    undo()
                 runs.append({"condition": condition, "applied": applied, "outputs": outputs, "elapsed_s": elapsed,
-                             "links_before": before, "links_after": all_link_bytes(hosts)})
+                             "links_before": before, "links_after": after,
+                             "sent": [{k: a[k] - b[k] for k in a} for a, b in zip(sent_after, sent_before)]})
         clear_shaping(hosts)
         # As long as the last run, with no request: Ray's and the engine's own background
         # traffic (resource reports, heartbeats), which the counters above include too.

@@ -92,6 +92,8 @@ def test_striped_requests_across_namespaced_hosts(cluster: Cluster, tmp_path):
     # Each host is home to one request (queries out, partials back, to and from 2 holders) and
     # holder for the other two (queries in, partials out): the same payload bound each way.
     bound = report["per_request_payload_bound"]
+    for rank, sent in enumerate(report["runs"][0]["sent"]):
+        print(f"  instance {rank} sent {sent['messages']} messages, {sent['bytes']} serialized bytes")
     print(f"link bytes during generation (background subtracted), lower bound {bound} each way:")
     for ns in hosts:
         tx, tx_bg = _delta(report, ns, "tx")
