@@ -114,6 +114,8 @@ def test_chaos_loses_no_request(tmp_path, backend):
             assert outs[-1].output_token_ids == hf_greedy(tmp_path, prompt, MAX_TOKENS), f"r{i}"
             for before, after in zip(outs, outs[1:]):
                 assert after.output_token_ids[: len(before.output_token_ids)] == before.output_token_ids
+        print(f"chaos ({backend}): {len(dead)} instances killed or stopped and replaced, "
+              f"{engine.failures.num_redispatched_requests} requests re-dispatched, {num_requests} finished")
         assert engine.failures.num_instance_failures == len(dead) >= 3
         assert_all_free(llm, exclude=tuple(dead))
     finally:
