@@ -14,14 +14,15 @@ links; the counters of each host's eth0 are "what went over that host's link".
 Processes: a Ray head in h1 and a Ray worker in each other host (`ray start`, each with its own
 --temp-dir). Each host offers `cpus_per_host` CPUs (default 4): more than one instance actor
 fits on a host, so "one instance per host" is the engine's placement at work, not something the
-resources force. They run in the host's network
-namespace but in the machine's pid namespace, so `ray stop` would also kill unrelated Ray
-processes of other users of this machine: cleanup instead kills exactly the processes that
-`ip netns pids` lists in our namespaces, then deletes the namespaces (which deletes the veths).
+resources force. They run in the host's network namespace but in the machine's pid namespace,
+so `ray stop` would also kill unrelated Ray processes of other users of this machine: cleanup
+instead kills exactly the processes that `ip netns pids` lists in our namespaces, then deletes
+the namespaces (which deletes the veths and the bridge).
 
 The driver (`python -m tests.multihost_netns drive ...`, run with `ip netns exec illm-h1`) builds
-the engine with backend="ray" on that cluster, runs requests, and prints one JSON line with the
-outputs, where each actor ran, and the links' byte counters around the generation.
+the engine with backend="ray" on that cluster, runs requests under link conditions (plain, tc
+shaping, or the user-space delay switch of tests/netns_delay_switch.py), and prints one JSON line
+with the outputs, where each actor ran, and the links' byte counters around each run.
 """
 
 from __future__ import annotations
@@ -333,7 +334,8 @@ def run_driver(cluster: Cluster, args: list[str], timeout: float = 240) -> dict:
     cmd = in_ns(cluster.head.ns, [sys.executable, "-m", "tests.multihost_netns", "drive",
                                   "--address", cluster.ray_address, "--num-hosts", str(len(cluster.hosts)),
                                   *args])
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ray_env(), cwd=REPO_ROOT, timeout=timeout)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ray_env(), cwd=REPO_ROOT, timeout=timeout,
+                          check=False)
     reports = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not reports:
         raise RuntimeError(f"driver failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
@@ -414,7 +416,7 @@ def _run_requests(engine, batch: list[list[int]], max_tokens: int) -> dict[str, 
 def apply_condition(hosts: list[Host], condition: str) -> tuple[str, Callable[[], None]]:
     """Put the links in a condition; returns what was applied and how to undo it.
 
-    "none"; "DELAY_MS,RATE" (tc netem on every link end, or tbf rate-only without sch_netem);
+    "none"; "DELAY_MS,RATE" (tc netem on every host's egress, or tbf rate-only without sch_netem);
     "switch:DELAY_MS" or "switch:DELAY_MS,RATE" (the user-space delay switch instead of the
     bridge, plus a tbf/netem rate when given).
     """

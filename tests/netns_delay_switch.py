@@ -28,7 +28,7 @@ import select
 import signal
 import socket
 import time
-from typing import Deque, Optional
+from typing import Optional
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -55,7 +55,7 @@ class DelaySwitch:
         self.by_fd = {sock.fileno(): name for name, sock in self.ports.items()}
         self.mac_port: dict[bytes, str] = {}
         # One constant delay: frames leave in arrival order, so a FIFO is the whole schedule.
-        self.queue: Deque[tuple[float, str, bytes]] = collections.deque()
+        self.queue: collections.deque[tuple[float, str, bytes]] = collections.deque()
         self.running = True
         self.frames = 0
 
