@@ -88,13 +88,13 @@ def main() -> None:
           f"{args.max_tokens} tokens each; {args.repeats} interleaved rounds\n")
     by_condition = {c: [r for r in report["runs"] if r["condition"] == c] for c in conditions}
     latency = {c: statistics.median(inter_token_s(r["outputs"]) for r in runs) for c, runs in by_condition.items()}
-    print(f"{'condition':<22} {'applied':<50} {'inter-token ms':>14} {'vs none':>8} {'vs switch:0':>11} "
+    print(f"{'condition':<22} {'applied':<62} {'inter-token ms':>14} {'vs none':>8} {'vs switch:0':>11} "
           f"{'link B/token':>12}")
     for condition, runs in by_condition.items():
         vs_switch = f"{latency[condition] / latency['switch:0']:.2f}" if condition.startswith("switch:") and \
             "switch:0" in latency else "-"
         per_token = statistics.median(link_bytes_per_token(r) for r in runs)
-        print(f"{condition:<22} {runs[0]['applied']:<50} {latency[condition] * 1e3:>14.2f} "
+        print(f"{condition:<22} {runs[0]['applied']:<62} {latency[condition] * 1e3:>14.2f} "
               f"{latency[condition] / latency['none']:>8.2f} {vs_switch:>11} {per_token:>12.0f}")
 
 
