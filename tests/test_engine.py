@@ -11,7 +11,7 @@ import pytest
 from infinite_llm.control.scheduler import RequestTooLongError
 from infinite_llm.engine import LLM
 from infinite_llm.sampling import SamplingParams
-from tests.engine_helpers import assert_all_free, make_llm, prompts
+from tests.engine_helpers import assert_all_free, prompts
 from tests.hf_fixtures import hf_greedy, write_tiny_checkpoint
 
 
@@ -27,21 +27,6 @@ def llama_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt-llama-dist")
     write_tiny_checkpoint(path, arch="llama", seed=5)
     return path
-
-
-@pytest.fixture
-def engines():
-    """Collects LLMs and shuts them down: every instance runs threads of its own."""
-    made: list[LLM] = []
-
-    def make(*args, **kwargs) -> LLM:
-        llm = make_llm(*args, **kwargs)
-        made.append(llm)
-        return llm
-
-    yield make
-    for llm in made:
-        llm.shutdown()
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

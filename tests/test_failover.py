@@ -16,7 +16,7 @@ import pytest
 from infinite_llm.control.dispatch import NoLiveInstanceError
 from infinite_llm.engine import LLM
 from infinite_llm.sampling import SamplingParams
-from tests.engine_helpers import assert_all_free, make_llm, prompts
+from tests.engine_helpers import assert_all_free, prompts
 from tests.hf_fixtures import hf_greedy, write_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -30,21 +30,16 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture
-def engines():
-    made: list[LLM] = []
-
+def engines(engines):
+    """conftest's factory with fault-test defaults: steps slow enough that requests still decode
+    when a fault strikes on any machine, and a short instance timeout."""
     def make(*args, **kwargs) -> LLM:
-        # Steps slow enough that requests still decode when a fault strikes, on any machine.
         kwargs.setdefault("debug_step_delay_s", {i: 0.02 for i in range(kwargs["instances"])})
         kwargs.setdefault("instance_timeout_s", 1.0)
         kwargs.setdefault("heartbeat_interval_s", 0.05)
-        llm = make_llm(*args, **kwargs)
-        made.append(llm)
-        return llm
+        return engines(*args, **kwargs)
 
-    yield make
-    for llm in made:
-        llm.shutdown()
+    return make
 
 
 def crash_next_step(llm: LLM, rank: int) -> None:
