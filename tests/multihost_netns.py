@@ -23,6 +23,11 @@ The driver (`python -m tests.multihost_netns drive ...`, run with `ip netns exec
 the engine with backend="ray" on that cluster, runs requests under link conditions (plain, tc
 shaping, or the user-space delay switch of tests/netns_delay_switch.py), and prints one JSON line
 with the outputs, where each actor ran, and the links' byte counters around each run.
+
+The server helpers (`start_server`, `wait_healthy`, `http_in_host`, `stop_server`) run
+`infinite-llm serve --backend ray` in host 1 instead, and its HTTP clients in host 1 too: the root
+namespace has no route to the hosts. `instance_actor_namespaces` finds the instance actors of a
+process that is not the caller's by their Ray process titles in each host namespace.
 """
 
 from __future__ import annotations
@@ -342,6 +347,116 @@ def run_driver(cluster: Cluster, args: list[str], timeout: float = 240) -> dict:
     return json.loads(reports[-1])
 
 
+# ---------------------------------------------------------------------------------- server
+
+
+# What Ray titles an instance actor's worker process (`ray::<class>`, then `.<method>` while
+# one runs): how a process in a host namespace is recognized as an engine instance.
+INSTANCE_ACTOR_TITLE = "ray::_InstanceActor"
+
+
+def free_port(host: Host) -> int:
+    """A TCP port nothing listens on in the host's namespace (asked of the kernel there)."""
+    probe = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+    return int(run(in_ns(host.ns, [sys.executable, "-c", probe])).stdout)
+
+
+def start_server(cluster: Cluster, args: list[str], log: Path) -> subprocess.Popen:
+    """`infinite-llm serve --backend ray` on the cluster, inside host 1; output goes to `log`
+    (a pipe nobody reads would block the server once full)."""
+    cmd = ["infinite-llm", "serve", "--backend", "ray", "--ray-address", cluster.ray_address,
+           "--host", cluster.head.ip, *args]
+    with open(log, "wb") as out:
+        return subprocess.Popen(in_ns(cluster.head.ns, cmd), stdout=out, stderr=subprocess.STDOUT,
+                                env=ray_env(), cwd=REPO_ROOT)
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    """SIGTERM (the server drains, then exits 0); SIGKILL if it does not exit in time."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def http_in_host(host: Host, calls: list[dict], timeout: float = 240) -> list[dict]:
+    """Make HTTP calls from inside `host` (the root namespace has no route to the hosts), all at
+    once; each call is {"method", "url", "body"?} and comes back as {"status", "body"}."""
+    cmd = in_ns(host.ns, [sys.executable, "-m", "tests.multihost_netns", "http", json.dumps(calls)])
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ray_env(), cwd=REPO_ROOT, timeout=timeout,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"http client failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def wait_healthy(proc: subprocess.Popen, host: Host, base_url: str, instances: int, log: Path,
+                 timeout_s: float = 180) -> dict:
+    """Poll GET /health until it answers 200 with `instances` alive instances; returns the body."""
+    deadline = time.monotonic() + timeout_s
+    last: dict = {}
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}) before it was healthy:\n{_tail(log)}")
+        last = http_in_host(host, [{"method": "GET", "url": f"{base_url}/health"}])[0]
+        alive = [i for i in (last["body"] or {}).get("instances", []) if i.get("state") == "alive"]
+        if last["status"] == 200 and len(alive) == instances:
+            return last["body"]
+        time.sleep(1.0)
+    raise TimeoutError(f"/health not ready after {timeout_s} s (last answer {last}):\n{_tail(log)}")
+
+
+def _tail(log: Path, chars: int = 6000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
+
+
+def instance_actor_namespaces(hosts: list[Host]) -> dict[int, str]:
+    """pid -> host namespace of every instance actor process, found by its Ray process title."""
+    found: dict[int, str] = {}
+    for host in hosts:
+        for pid in run(["ip", "netns", "pids", host.ns], check=False).stdout.split():
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # exited meanwhile
+            if title.startswith(INSTANCE_ACTOR_TITLE):
+                found[int(pid)] = host.ns
+    return found
+
+
+def _http_call(call: dict) -> dict:
+    import urllib.error
+    import urllib.request
+
+    data = None if call.get("body") is None else json.dumps(call["body"]).encode()
+    req = urllib.request.Request(call["url"], data=data, method=call["method"],
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=call.get("timeout", 180)) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    except (urllib.error.URLError, ConnectionError) as err:  # not listening yet
+        return {"status": None, "body": None, "error": str(err)}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {"raw": raw.decode(errors="replace")}
+    return {"status": status, "body": body}
+
+
+def http_main(calls_json: str) -> list[dict]:
+    """The `http` subcommand: the calls in parallel threads (so requests share engine steps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = json.loads(calls_json)
+    with ThreadPoolExecutor(max_workers=max(len(calls), 1)) as pool:
+        return list(pool.map(_http_call, calls))
+
+
 # ---------------------------------------------------------------------------------- driver
 
 
@@ -521,9 +636,13 @@ def drive(argv: list[str]) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] != "drive":
-        raise SystemExit("usage: python -m tests.multihost_netns drive --address ... (inside a host namespace)")
-    print(json.dumps(drive(sys.argv[2:])), flush=True)
+    if len(sys.argv) >= 2 and sys.argv[1] == "drive":
+        print(json.dumps(drive(sys.argv[2:])), flush=True)
+    elif len(sys.argv) == 3 and sys.argv[1] == "http":
+        print(json.dumps(http_main(sys.argv[2])), flush=True)
+    else:
+        raise SystemExit("usage: python -m tests.multihost_netns drive --address ... | http CALLS_JSON"
+                         " (inside a host namespace)")
 
 
 if __name__ == "__main__":
