@@ -75,11 +75,11 @@ def test_crashed_instance_loses_no_request(checkpoint, engines, placement):
     engine = llm.engine
     batch = prompts(22, [90, 40, 70, 30, 50, 60])
     homes = [0, 1, 2, 0, 1, 2]
-    lengths = [32 if home == 1 else 16 for home in homes]  # instance 1's requests outlive the fault
+    lengths = [48 if home == 1 else 16 for home in homes]  # instance 1's requests outlive the fault
     for i, (prompt, home, n) in enumerate(zip(batch, homes, lengths)):
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), home=home)
     outputs: dict = {}
-    run_until(engine, lambda: all(tokens_so_far(outputs, f"r{i}") >= 2 for i in range(6)), outputs)
+    run_until(engine, lambda: tokens_so_far(outputs, "r1") >= 2 and tokens_so_far(outputs, "r4") >= 2, outputs)
     crash_next_step(llm, 1)
     final = drain(engine, outputs)
     for i, (prompt, n) in enumerate(zip(batch, lengths)):
@@ -132,14 +132,15 @@ def test_wedged_instance_is_declared_dead_and_fenced_when_it_resumes(checkpoint,
         return execute(batch, step)
 
     batch = prompts(24, [60, 50, 40])
-    for i, prompt in enumerate(batch):
-        engine.add_request(f"r{i}", prompt, GREEDY, home=i)
+    lengths = [16, 16, 48]  # r2, homed on the instance that hangs, outlives the fault
+    for i, (prompt, n) in enumerate(zip(batch, lengths)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), home=i)
     outputs: dict = {}
-    run_until(engine, lambda: all(tokens_so_far(outputs, f"r{i}") >= 2 for i in range(3)), outputs)
+    run_until(engine, lambda: tokens_so_far(outputs, "r2") >= 2, outputs)
     wedged.runner.execute = hang
     final = drain(engine, outputs)
-    for i, prompt in enumerate(batch):
-        assert final[f"r{i}"].output_token_ids == hf_greedy(checkpoint, prompt, 16), f"r{i}"
+    for i, (prompt, n) in enumerate(zip(batch, lengths)):
+        assert final[f"r{i}"].output_token_ids == hf_greedy(checkpoint, prompt, n), f"r{i}"
     assert engine.failures.num_redispatched_requests == 1
     release.set()  # it resumes: the step finishes, its reports are dropped, it stops
     deadline = time.monotonic() + 10
