@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import infinite_llm.kernels.dist_attention as da
+import infinite_llm.kernels.attention_plan as plan_module
 from infinite_llm.kernels.dist_attention import micro_attention, micro_attention_torch, scale_reduce
 
 FP32_TOL = 1e-5
@@ -217,8 +217,9 @@ def test_matches_sdpa(hq, hkv):
 
 def test_long_context_is_chunked_and_exact(monkeypatch):
     """Shrink the chunk budget so one call runs many KV chunks through the online merge."""
-    monkeypatch.setattr(da, "_KV_CHUNK_ELEMS", 2 * 8 * 2 * 16)  # a couple of blocks per chunk
-    monkeypatch.setattr(da, "_MIN_CHUNK_SLOTS", 8)
+    monkeypatch.setattr(plan_module, "_KV_CHUNK_ELEMS", 2 * 8 * 2 * 16)  # a couple of blocks per chunk
+    monkeypatch.setattr(plan_module, "_MIN_CHUNK_SLOTS", 8)
+    monkeypatch.setattr(plan_module, "_MASK_CHUNK_ELEMS", 64)  # masked chunks too
     gen = torch.Generator().manual_seed(11)
     hkv, g, d, bs = 2, 2, 16, 8
     seqs = [make_seq(gen, hkv * g, hkv, d, bs, ctx, nq, fut, torch.float32)
