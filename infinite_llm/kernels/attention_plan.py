@@ -165,6 +165,10 @@ def _plan_group(group: list[int], cu: torch.Tensor, q_positions: torch.Tensor, n
     bs, hkv, d = shape.block_size, shape.num_kv_heads, shape.head_dim
     per_chunk = max(_KV_CHUNK_ELEMS // (sg * bs * hkv * d), _MIN_CHUNK_SLOTS // bs, 1)
     per_masked = max(1, min(per_chunk, _MASK_CHUNK_ELEMS // (sg * shape.group_size * max_q * bs)))
+    if per_masked == per_chunk:
+        # Masks are cheap here (decode): start the masked part at a chunk boundary rather than
+        # give a decode's last, partly filled block a gather, a call and a merge of its own.
+        first_masked -= first_masked % per_chunk
     bounds = _chunk_bounds(0, first_masked, per_chunk) + _chunk_bounds(first_masked, max_b, per_masked)
     chunks = [
         _plan_chunk(tables[:, b0:b1], starts[:, b0:b1], lens[:, b0:b1], qpos, row_valid, b0 < first_masked, shape)
@@ -177,7 +181,11 @@ def _plan_group(group: list[int], cu: torch.Tensor, q_positions: torch.Tensor, n
 
 
 def _chunk_bounds(b0: int, b1: int, per_chunk: int) -> list[tuple[int, int]]:
-    return [(b, min(b1, b + per_chunk)) for b in range(b0, b1, per_chunk)]
+    """[b0, b1) in chunks of `per_chunk` blocks; a short tail joins the chunk before it."""
+    bounds = [(b, min(b1, b + per_chunk)) for b in range(b0, b1, per_chunk)]
+    if len(bounds) > 1 and 4 * (bounds[-1][1] - bounds[-1][0]) < per_chunk:
+        bounds[-2:] = [(bounds[-2][0], b1)]
+    return bounds
 
 
 def _plan_chunk(tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, qpos: torch.Tensor,
