@@ -180,11 +180,12 @@ class StepAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         layout = self.layout
-        self.cache.write(layer, layout.local_write_slots, k[layout.local_write_rows], v[layout.local_write_rows])
+        self.cache.write(layer, layout.local_write_slots, self._take(k, layout.local_write_rows),
+                         self._take(v, layout.local_write_rows))
         self._ship(layer, q, k, v)
         local = None
         if layout.local is not None:
-            local = run_micro_attention(q[layout.local_rows], self.cache, layer, layout.local)
+            local = run_micro_attention(self._take(q, layout.local_rows), self.cache, layer, layout.local)
         if layout.all_local:
             assert local is not None
             return local[0].to(q.dtype)
@@ -210,9 +211,16 @@ class StepAttention:
                 q=q[part.q_rows], k=k[part.kv_rows], v=v[part.kv_rows],
             ))
 
+    def _take(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x[rows]; row lists are ascending and distinct, so one as long as the step is all its
+        rows in order: then x itself (no copy; a single-instance step always takes this path)."""
+        return x if rows.numel() == self.layout.num_tokens else x[rows]
+
     def _scatter(self, rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A partial over all the step's rows: 0 / -inf where it has nothing (ScaleReduce
         then ignores it there)."""
+        if rows.numel() == self.layout.num_tokens:  # all rows, in order (see _take)
+            return out, lse
         full_out = torch.zeros(self.layout.num_tokens, self.hq, self.d, dtype=torch.float32, device=out.device)
         full_lse = torch.full((self.layout.num_tokens, self.hq), float("-inf"), dtype=torch.float32, device=out.device)
         full_out[rows] = out.float()
