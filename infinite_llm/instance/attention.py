@@ -233,7 +233,8 @@ class StepAttention:
 class _GuestStep:
     seg: Optional[SegmentTables]
     write_slots: torch.Tensor
-    has_blocks: list[bool]
+    rows: torch.Tensor  # the query rows of sequences with blocks here (ascending)
+    num_rows: int  # all the query rows of the message
 
 
 class GuestAttention:
@@ -249,18 +250,26 @@ class GuestAttention:
         try:
             layout = self._layout(query)
             self.cache.write(query.layer, layout.write_slots, query.k.to(self.device), query.v.to(self.device))
-            hq, d = query.q.shape[1], query.q.shape[2]
-            out = torch.zeros(query.q.shape[0], hq, d, dtype=torch.float32)
-            lse = torch.full((query.q.shape[0], hq), float("-inf"), dtype=torch.float32)
-            if layout.seg is not None:
-                rows = self._rows(query.seqs, layout.has_blocks)
-                o, l = run_micro_attention(query.q.to(self.device)[rows], self.cache, query.layer, layout.seg)
-                out[rows.cpu()] = o.float().cpu()
-                lse[rows.cpu()] = l.float().cpu()
+            out, lse = self._attend(query, layout)
             self.num_served += 1
             return AttnPartial(self.rank, query.step, query.layer, out, lse)
         except Exception as exc:  # noqa: BLE001 - the home fails its step, not this instance
             return AttnPartial(self.rank, query.step, query.layer, None, None, error=f"{type(exc).__name__}: {exc}")
+
+    def _attend(self, query: AttnQuery, layout: _GuestStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) on the CPU for every query row: 0 / -inf for rows with no block here."""
+        q = query.q.to(self.device)
+        if layout.seg is not None and layout.rows.numel() == layout.num_rows:  # every row: no scatter
+            o, l = run_micro_attention(q, self.cache, query.layer, layout.seg)
+            return o.float().cpu(), l.float().cpu()
+        hq, d = query.q.shape[1], query.q.shape[2]
+        out = torch.zeros(layout.num_rows, hq, d, dtype=torch.float32)
+        lse = torch.full((layout.num_rows, hq), float("-inf"), dtype=torch.float32)
+        if layout.seg is not None:
+            o, l = run_micro_attention(q[layout.rows.to(self.device)], self.cache, query.layer, layout.seg)
+            out[layout.rows] = o.float().cpu()
+            lse[layout.rows] = l.float().cpu()
+        return out, lse
 
     def _layout(self, query: AttnQuery) -> _GuestStep:
         cached = self._steps.get(query.home)
@@ -282,7 +291,8 @@ class GuestAttention:
             if visible:
                 segments.append((s.start_pos, s.num_queries, [b for _, b in visible], [p for p, _ in visible]))
         layout = _GuestStep(build_segments(segments, bs, self.device),
-                            torch.tensor(slots, dtype=torch.long, device=self.device), has_blocks)
+                            torch.tensor(slots, dtype=torch.long, device=self.device),
+                            self._rows(query.seqs, has_blocks), sum(s.num_queries for s in query.seqs))
         self._steps[query.home] = (query.step, layout)
         return layout
 
