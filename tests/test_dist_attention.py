@@ -449,3 +449,29 @@ def test_gpu_scale_reduce_matches_formula():
     assert torch.equal(gpu_out[3].cpu(), torch.zeros(6, 80))
     torch.testing.assert_close(gpu_out.cpu(), cpu_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu_lse.cpu(), cpu_lse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix_blocks, nq", [(0, 16), (3, 13), (2, 1 + 8 * 3)])
+def test_prefill_chunk_at_block_boundary_runs_causal_and_exact(prefix_blocks, nq):
+    """A prefill chunk whose queries start a block: its own keys go through the kernel's causal
+    mode (the last block may be partly filled, so there are more key slots than queries)."""
+    gen = torch.Generator().manual_seed(nq)
+    hkv, g, d, bs = 2, 3, 16, 8
+    ctx = prefix_blocks * bs + nq
+    seq = make_seq(gen, hkv * g, hkv, d, bs, ctx, nq, 0, torch.float32)
+    seq.segments = [(p, min(bs, ctx - p)) for p in range(0, ctx, bs)]  # full blocks, in order
+    num_blocks = len(seq.segments) + 2
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen)
+    ids = torch.randperm(num_blocks, generator=gen)[: len(seq.segments)].tolist()
+    for bid, (start, n) in zip(ids, seq.segments):
+        k_cache[bid, :n] = seq.k[start:start + n].float()
+        v_cache[bid, :n] = seq.v[start:start + n].float()
+    inst = Instance(k_cache, v_cache, [[(bid, start, n) for bid, (start, n) in zip(ids, seq.segments)]])
+    args = call_inputs([seq], inst, torch.float32)
+    plan = plan_module.plan_micro_attention(*args)
+    assert plan.groups[0].chunks[-1].causal == (nq > 1)
+    out, lse = micro_attention(*args, scale=d ** -0.5)
+    ref_out, ref_lse = reference(seq, d ** -0.5)
+    assert rel_err(out, ref_out) <= FP32_TOL
+    assert rel_err(lse, ref_lse) <= FP32_TOL

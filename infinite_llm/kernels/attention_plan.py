@@ -49,6 +49,9 @@ class _Chunk:
     block_ids: torch.Tensor  # [Sg * blocks] pool ids, sequence-major
     mask: Optional[torch.Tensor]  # additive [Sg, 1, 1 or G*Qm, C]; None: every row sees every key
     empty: Optional[torch.Tensor]  # [Sg, 1, G*Qm] rows that see no key here (the kernel says lse 0)
+    # Key j is visible to query i iff j <= i (a prefill chunk's own keys): the kernel then skips
+    # the masked half instead of computing it and adding -inf.
+    causal: bool = False
 
 
 @dataclass
@@ -169,15 +172,36 @@ def _plan_group(group: list[int], cu: torch.Tensor, q_positions: torch.Tensor, n
         # Masks are cheap here (decode): start the masked part at a chunk boundary rather than
         # give a decode's last, partly filled block a gather, a call and a merge of its own.
         first_masked -= first_masked % per_chunk
-    bounds = _chunk_bounds(0, first_masked, per_chunk) + _chunk_bounds(first_masked, max_b, per_masked)
+    causal = _is_causal_tail(starts[0, first_masked:], lens[0, first_masked:], qpos[0], shape) if sg == 1 else False
+    masked = [(first_masked, max_b)] if causal else _chunk_bounds(first_masked, max_b, per_masked)
     chunks = [
         _plan_chunk(tables[:, b0:b1], starts[:, b0:b1], lens[:, b0:b1], qpos, row_valid, b0 < first_masked, shape)
-        for b0, b1 in bounds
+        for b0, b1 in _chunk_bounds(0, first_masked, per_chunk) + masked
     ]
+    if causal:
+        chunks[-1] = _Chunk(chunks[-1].block_ids, None, None, causal=True)
     real = None if bool(row_valid.all()) else row_valid.reshape(-1).nonzero().squeeze(1)
     flat_rows = rows.reshape(-1)
     dest = flat_rows if real is None else flat_rows[real]
     return _Group(sg, max_q, flat_rows, real, dest, chunks)
+
+
+def _is_causal_tail(starts: torch.Tensor, lens: torch.Tensor, qpos: torch.Tensor, shape: MicroAttentionInputs) -> bool:
+    """Whether one sequence's blocks from the first masked one on are exactly the keys of its
+    queries' own positions, in order (a prefill chunk starting at a block boundary), and few
+    enough to repeat for each query head: then that part is plain causal attention."""
+    n, bs = starts.numel(), shape.block_size
+    if n == 0 or qpos.numel() < 2 or n * bs * shape.num_q_heads * shape.head_dim > _KV_CHUNK_ELEMS:
+        return False
+    first = int(qpos[0])
+    expected = first + bs * torch.arange(n, device=starts.device)
+    return (
+        int(starts[0]) == first
+        and bool((starts == expected).all())
+        and bool((lens[:-1] == bs).all())
+        and bool((qpos == first + torch.arange(qpos.numel(), device=qpos.device)).all())
+        and int(starts[-1] + lens[-1]) == int(qpos[-1]) + 1
+    )
 
 
 def _chunk_bounds(b0: int, b1: int, per_chunk: int) -> list[tuple[int, int]]:
@@ -243,7 +267,10 @@ def _attend_group(group: _Group, q: torch.Tensor, k_cache: torch.Tensor, v_cache
         # [Sg, Hkv, C, D] view that the kernel reads in place.
         k = _gather(k_cache, chunk.block_ids, "k").view(sg, -1, hkv, d).transpose(1, 2)
         v = _gather(v_cache, chunk.block_ids, "v").view(sg, -1, hkv, d).transpose(1, 2)
-        part = _attention(qg, k, v, chunk.mask, scale)
+        if chunk.causal:
+            part = _causal_attention(qg, k, v, g, scale)
+        else:
+            part = _attention(qg, k, v, chunk.mask, scale)
         if chunk.empty is not None:
             part = (part[0], part[1].masked_fill(chunk.empty, float("-inf")))
         acc = part if acc is None else _merge(acc, part)
@@ -285,6 +312,23 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     return torch.matmul(torch.exp(scores - safe[..., None]), v), lse
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q [Sg, Hkv, G*Qm, D] (G-major rows) over k/v [Sg, Hkv, C, D] whose
+    first Qm keys are the queries' own (query i sees keys 0..i; any later slot, none): K/V are
+    repeated per query head (the rows of one query then share a row of the causal mask), which
+    lets the kernel skip the masked half."""
+    sg, hkv, rows, d = q.shape
+    qh = q.view(sg, hkv * g, rows // g, d)
+    kh, vh = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    if q.device.type == "cpu":
+        out, lse = _FLASH_CPU(qh, kh, vh, 0.0, True, scale=scale)
+    else:
+        mask = torch.full((rows // g, kh.shape[2]), float("-inf"), device=q.device).triu_(1)
+        out, lse = _attention(qh, kh, vh, mask, scale)
+    return out.reshape(sg, hkv, rows, d), lse.reshape(sg, hkv, rows)
 
 
 def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
