@@ -1,5 +1,5 @@
 """Decode step time of our engine vs HF transformers, and vs the memory-bandwidth floor, at batch
-1 and 32, measured side by side in one run.
+1 and 32, and prefill throughput on a 2K-token prompt, measured side by side in one run.
 
     python benchmarks/bench_decode.py [--model bench|default|PATH] [--context 512] [--steps 24] [--quick]
 
@@ -8,6 +8,9 @@ first, then decode greedily. Steps alternate one by one (ours, transformers, our
 change in machine load hits both sides alike; a step is timed whole on both sides (ours: one
 instance's `ModelRunner.execute`, scheduling-free, including sampling; transformers: one
 forward with its KV cache plus the argmax), nothing is subtracted from either.
+
+Prefill: one --prefill-len prompt, ours in chunks of --prefill-chunk tokens (the engine's default
+token budget) vs one transformers forward over the whole prompt, alternating for a few rounds.
 
 The floor of a step is the bytes it must read (every weight matrix once, the batch's rows of
 the embedding table, and every cached K/V of the batch once) over the measured copy bandwidth.
@@ -19,6 +22,7 @@ mean nothing for it.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -79,10 +83,7 @@ class Transformers:
     """HF's model with its own KV cache, stepped by hand: one forward + argmax per step."""
 
     def __init__(self, model: str, prompts: list[list[int]], device: str) -> None:
-        from transformers import AutoModelForCausalLM
-
-        path = str(resolve_model_path(model))
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        self.model = hf_model(model, device)
         self.next_input = torch.tensor(prompts, device=device)
         self.cache = None
         self.tokens: list[list[int]] = [[] for _ in prompts]
@@ -95,6 +96,43 @@ class Transformers:
         for s, token in enumerate(next_tokens.tolist()):
             self.tokens[s].append(token)
         self.next_input = next_tokens[:, None]
+
+
+@functools.cache
+def hf_model(model: str, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = str(resolve_model_path(model))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+
+
+def prefill_compare(model: str, length: int, chunk: int, rounds: int, device: str,
+                    gen: torch.Generator) -> tuple[float, float]:
+    """Median seconds to prefill one prompt (and sample its first token): ours, transformers."""
+    prompt = torch.randint(3, 256, (length,), generator=gen).tolist()
+    config = EngineConfig(model=model, cache=CacheConfig(block_size=BLOCK_SIZE), cluster=ClusterConfig(device=device))
+    local = LocalRunner(config, num_blocks=-(-length // BLOCK_SIZE))
+    table = [BlockRef(0, b) for b in range(local.cache.num_blocks)]
+    hf = hf_model(model, device)
+
+    def ours() -> None:
+        for start in range(0, length, chunk):
+            local.execute([SeqWork("p", prompt[start : start + chunk], start, table, sample=start + chunk >= length,
+                                   sampling=GREEDY)])
+
+    @torch.inference_mode()
+    def theirs() -> None:
+        hf(input_ids=torch.tensor([prompt], device=device), use_cache=True).logits[:, -1].argmax(dim=-1).tolist()
+
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    for i in range(rounds + 1):
+        pair = [("ours", ours), ("hf", theirs)]
+        for name, fn in pair if i % 2 == 0 else reversed(pair):
+            t0 = time.perf_counter()
+            fn()
+            if i:  # round 0 warms both up
+                times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["ours"]), statistics.median(times["hf"])
 
 
 def step_bytes(cfg: ModelConfig, batch: int, context: int) -> float:
@@ -131,6 +169,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=24, help="decode steps per side (alternating)")
     parser.add_argument("--quick", action="store_true", help="8 steps per side")
+    parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     model = str(ensure_bench_model()) if args.model == "bench" else args.model
@@ -148,6 +188,10 @@ def main() -> None:
               f"floor {floor * 1e3:6.2f} ms | ours/transformers = {r['ours'] / r['hf']:.2f}, "
               f"ours/floor = {r['ours'] / floor:.2f}, transformers/floor = {r['hf'] / floor:.2f} | "
               f"greedy tokens identical: {r['identical']}")
+    ours, hf = prefill_compare(model, args.prefill_len, args.prefill_chunk, 3 if args.quick else 5, args.device, gen)
+    print(f"prefill {args.prefill_len} tokens (ours in chunks of {args.prefill_chunk}): ours "
+          f"{args.prefill_len / ours:8.0f} tok/s, transformers {args.prefill_len / hf:8.0f} tok/s | "
+          f"ours/transformers throughput = {hf / ours:.2f}")
 
 
 if __name__ == "__main__":
