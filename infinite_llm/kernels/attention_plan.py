@@ -168,15 +168,10 @@ def _plan_group(group: list[int], cu: torch.Tensor, q_positions: torch.Tensor, n
     bs, hkv, d = shape.block_size, shape.num_kv_heads, shape.head_dim
     per_chunk = max(_KV_CHUNK_ELEMS // (sg * bs * hkv * d), _MIN_CHUNK_SLOTS // bs, 1)
     per_masked = max(1, min(per_chunk, _MASK_CHUNK_ELEMS // (sg * shape.group_size * max_q * bs)))
-    if per_masked == per_chunk:
-        # Masks are cheap here (decode): start the masked part at a chunk boundary rather than
-        # give a decode's last, partly filled block a gather, a call and a merge of its own.
-        first_masked -= first_masked % per_chunk
     causal = _is_causal_tail(starts[0, first_masked:], lens[0, first_masked:], qpos[0], shape) if sg == 1 else False
-    masked = [(first_masked, max_b)] if causal else _chunk_bounds(first_masked, max_b, per_masked)
     chunks = [
-        _plan_chunk(tables[:, b0:b1], starts[:, b0:b1], lens[:, b0:b1], qpos, row_valid, b0 < first_masked, shape)
-        for b0, b1 in _chunk_bounds(0, first_masked, per_chunk) + masked
+        _plan_chunk(tables[:, b0:b1], starts[:, b0:b1], lens[:, b0:b1], qpos, row_valid, b1 <= first_masked, shape)
+        for b0, b1 in _group_bounds(first_masked, max_b, per_chunk, per_masked, causal)
     ]
     if causal:
         chunks[-1] = _Chunk(chunks[-1].block_ids, None, None, causal=True)
@@ -202,6 +197,18 @@ def _is_causal_tail(starts: torch.Tensor, lens: torch.Tensor, qpos: torch.Tensor
         and bool((qpos == first + torch.arange(qpos.numel(), device=qpos.device)).all())
         and int(starts[-1] + lens[-1]) == int(qpos[-1]) + 1
     )
+
+
+def _group_bounds(first_masked: int, max_b: int, per_chunk: int, per_masked: int,
+                  causal: bool) -> list[tuple[int, int]]:
+    """The group's chunks: all-visible blocks, then masked ones (or one causal chunk)."""
+    if per_masked == per_chunk and not causal:
+        # Masks are cheap here (decode): chunk the whole range alike, so that a decode's last,
+        # partly filled block joins the chunk before it instead of costing a gather, a call and
+        # a merge of its own.
+        return _chunk_bounds(0, max_b, per_chunk)
+    masked = [(first_masked, max_b)] if causal else _chunk_bounds(first_masked, max_b, per_masked)
+    return _chunk_bounds(0, first_masked, per_chunk) + masked
 
 
 def _chunk_bounds(b0: int, b1: int, per_chunk: int) -> list[tuple[int, int]]:
