@@ -169,12 +169,13 @@ def _plan_group(group: list[int], cu: torch.Tensor, q_positions: torch.Tensor, n
     per_chunk = max(_KV_CHUNK_ELEMS // (sg * bs * hkv * d), _MIN_CHUNK_SLOTS // bs, 1)
     per_masked = max(1, min(per_chunk, _MASK_CHUNK_ELEMS // (sg * shape.group_size * max_q * bs)))
     causal = _is_causal_tail(starts[0, first_masked:], lens[0, first_masked:], qpos[0], shape) if sg == 1 else False
+    bounds = _group_bounds(first_masked, max_b, per_chunk, per_masked, causal)
     chunks = [
         _plan_chunk(tables[:, b0:b1], starts[:, b0:b1], lens[:, b0:b1], qpos, row_valid, b1 <= first_masked, shape)
-        for b0, b1 in _group_bounds(first_masked, max_b, per_chunk, per_masked, causal)
+        for b0, b1 in (bounds[:-1] if causal else bounds)
     ]
-    if causal:
-        chunks[-1] = _Chunk(chunks[-1].block_ids, None, None, causal=True)
+    if causal:  # the kernel masks it itself
+        chunks.append(_Chunk(tables[:, first_masked:].reshape(-1), None, None, causal=True))
     real = None if bool(row_valid.all()) else row_valid.reshape(-1).nonzero().squeeze(1)
     flat_rows = rows.reshape(-1)
     dest = flat_rows if real is None else flat_rows[real]
