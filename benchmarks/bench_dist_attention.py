@@ -9,6 +9,10 @@ Measured side by side in one run, medians of several repetitions:
    as a fraction of the bytes per second a large tensor copy reads on the same device. Decode
    attention is memory-bound, so a ratio near 1 means the kernel streams the KV cache at copy
    speed (the copy also writes what it reads, so a kernel that only reads can exceed 1).
+   Next to it, torch's `scaled_dot_product_attention` on the same K/V stored contiguously
+   ([S, Hkv, L, D], GQA) and the ratio MA/SDPA: the price of paging. On CPU MicroAttention is
+   timed as the engine runs it per layer, with its plan (the index work, done once per step)
+   built beforehand; the plan's cost is printed too.
 2. The same decode split over 4 "instances" (the blocks dealt round-robin): the time of
    ScaleReduce merging the 4 partials, as a percentage of the 4 MicroAttention calls (the paper
    reports under 1%). The merged result is checked against one MicroAttention over all blocks.
@@ -24,10 +28,13 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from infinite_llm.kernels.dist_attention import micro_attention, scale_reduce  # noqa: E402
+from infinite_llm.kernels.dist_attention import (  # noqa: E402
+    micro_attention, plan_micro_attention, run_micro_attention_plan, scale_reduce,
+)
 
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # one layer of a Llama-2/3-style GQA model
 
@@ -72,6 +79,41 @@ def decode_inputs(num_seqs: int, context: int, dtype: torch.dtype, device: str, 
     return q, k_cache, v_cache, cu.to(device), q_pos.to(device), tables.to(device), starts.to(device), lens.to(device)
 
 
+def ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device: str, repeats: int,
+               inner: int) -> tuple[float, float, float]:
+    """Median seconds of (MicroAttention, its plan, SDPA on contiguous K/V), alternating calls."""
+    args = (q, k_cache, v_cache, cu, q_pos, tables, starts, lens)
+    if device == "cuda":
+        ma = lambda: micro_attention(*args)  # noqa: E731 - the Triton kernel reads the tables itself
+        t_plan = 0.0
+    else:
+        plan = plan_micro_attention(*args)
+        ma = lambda: run_micro_attention_plan(plan, q, k_cache, v_cache)  # noqa: E731
+        t_plan = timed(lambda: plan_micro_attention(*args), device, repeats)
+    s, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    # The same keys, in sequence order, contiguous per (sequence, KV head); the context is the
+    # valid length of each row (all rows are equally long here).
+    length = int(lens[0].sum())
+    k = k_cache[tables].reshape(s, -1, hkv, d)[:, :length].transpose(1, 2).contiguous()
+    v = v_cache[tables].reshape(s, -1, hkv, d)[:, :length].transpose(1, 2).contiguous()
+    q4 = q[:, :, None, :]
+    # SDPA with GQA, and SDPA with the query heads of each KV head as rows (no K/V repeat; what
+    # SDPA runs without GQA): the faster of the two is the baseline.
+    sdpa = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)[:, :, 0]  # noqa: E731
+    rows = lambda: F.scaled_dot_product_attention(q.view(s, hkv, hq // hkv, d), k, v).reshape(s, hq, d)  # noqa: E731
+    times: dict[str, list[float]] = {"ma": [], "sdpa": [], "rows": []}
+    for _ in range(repeats):  # alternate, so that load changes hit all alike
+        for name, fn in (("ma", ma), ("sdpa", sdpa), ("rows", rows)):
+            times[name].append(timed(fn, device, 1, inner))
+    out, _ = ma()
+    for ref in (sdpa(), rows()):
+        err = ((out - ref).norm() / ref.norm()).item()
+        assert err < 1e-4, f"MicroAttention differs from SDPA: relative error {err:.1e}"
+    best = min(statistics.median(times["sdpa"]), statistics.median(times["rows"]))
+    return statistics.median(times["ma"]), t_plan, best
+
+
 def split_round_robin(tables, starts, lens, parts: int):
     """Deal every sequence's blocks round-robin over `parts` instances (same pool, for timing)."""
     return [(tables[:, i::parts].contiguous(), starts[:, i::parts].contiguous(), lens[:, i::parts].contiguous())
@@ -105,15 +147,15 @@ def main() -> None:
     print(f"device: {name}; dtype {str(dtype).removeprefix('torch.')}; "
           f"Hq={HQ} Hkv={HKV} D={HEAD_DIM} block={BLOCK_SIZE}")
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s read (+ as much written)\n")
-    header = (f"{'context':>8} {'seqs':>4} {'MA ms':>9} {'KV GB/s':>8} {'vs copy':>8} "
-              f"{'4xMA ms':>9} {'SR ms':>8} {'SR/MA':>7} {'merge err':>9}")
+    header = (f"{'context':>8} {'seqs':>4} {'MA ms':>9} {'plan ms':>8} {'KV GB/s':>8} {'vs copy':>8} "
+              f"{'SDPA ms':>9} {'MA/SDPA':>8} {'4xMA ms':>9} {'SR ms':>8} {'SR/MA':>7} {'merge err':>9}")
     print(header)
     print("-" * len(header))
     for context, num_seqs in cases:
         q, k_cache, v_cache, cu, q_pos, tables, starts, lens = decode_inputs(num_seqs, context, dtype, device, gen)
         kv_bytes = 2 * num_seqs * context * HKV * HEAD_DIM * k_cache.element_size()
         full = lambda: micro_attention(q, k_cache, v_cache, cu, q_pos, tables, starts, lens)  # noqa: E731
-        t_full = timed(full, device, repeats, inner)
+        t_full, t_plan, t_sdpa = ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device, repeats, inner)
 
         splits = split_round_robin(tables, starts, lens, args.partials)
         partial_calls = [
@@ -128,8 +170,9 @@ def main() -> None:
         merged, _ = scale_reduce(outs, lses)
         ref, _ = full()
         err = ((merged - ref).norm() / ref.norm()).item()
-        print(f"{context:>8} {num_seqs:>4} {t_full * 1e3:>9.3f} {kv_bytes / t_full / 1e9:>8.1f} "
-              f"{kv_bytes / t_full / bandwidth:>8.2f} {t_partials * 1e3:>9.3f} {t_reduce * 1e3:>8.4f} "
+        print(f"{context:>8} {num_seqs:>4} {t_full * 1e3:>9.3f} {t_plan * 1e3:>8.3f} {kv_bytes / t_full / 1e9:>8.1f} "
+              f"{kv_bytes / t_full / bandwidth:>8.2f} {t_sdpa * 1e3:>9.3f} {t_full / t_sdpa:>8.2f} "
+              f"{t_partials * 1e3:>9.3f} {t_reduce * 1e3:>8.4f} "
               f"{100 * t_reduce / t_partials:>6.2f}% {err:>9.1e}")
         del q, k_cache, v_cache, partials, outs, lses, merged, ref
         if device == "cuda":

@@ -26,10 +26,11 @@ BLOCK_SIZE = 16
 NUM_BLOCKS = 48  # 768 tokens of KV per instance
 
 
-def small_config(num_instances: int = 1, max_num_seqs: int = 8, max_waiting: int = 64) -> EngineConfig:
+def small_config(num_instances: int = 1, max_num_seqs: int = 8, max_waiting: int = 64,
+                 num_blocks: int = NUM_BLOCKS) -> EngineConfig:
     return EngineConfig(
         model="default",
-        cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks_per_instance=NUM_BLOCKS),
+        cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks_per_instance=num_blocks),
         cluster=ClusterConfig(num_instances=num_instances),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256, max_waiting=max_waiting),
     )
@@ -540,11 +541,13 @@ def test_idle_engine_thread_blocks_instead_of_spinning(server):
 
 # ----------------------------------------------------------------------------- 429 and 503
 def test_full_waiting_queue_gets_429():
-    live = LiveServer(small_config(max_num_seqs=1, max_waiting=1))
+    # Room for a request that runs far longer than the waiting one waits (2 s), however fast
+    # the engine decodes; closing its stream at the end aborts it.
+    live = LiveServer(small_config(max_num_seqs=1, max_waiting=1, num_blocks=1024))
     try:
         long_request = {"prompt": [9, 8, 7], "max_tokens": 300, "temperature": 0, "ignore_eos": True}
-        with live.client() as client, client.stream("POST", "/v1/completions",
-                                                     json={**long_request, "stream": True}) as running:
+        running_request = {**long_request, "max_tokens": 16000, "stream": True}
+        with live.client() as client, client.stream("POST", "/v1/completions", json=running_request) as running:
             assert running.status_code == 200
             lines = running.iter_lines()
             while not next(lines).startswith("data: "):  # the first request runs now

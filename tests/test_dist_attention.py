@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import infinite_llm.kernels.dist_attention as da
+import infinite_llm.kernels.attention_plan as plan_module
 from infinite_llm.kernels.dist_attention import micro_attention, micro_attention_torch, scale_reduce
 
 FP32_TOL = 1e-5
@@ -217,8 +217,9 @@ def test_matches_sdpa(hq, hkv):
 
 def test_long_context_is_chunked_and_exact(monkeypatch):
     """Shrink the chunk budget so one call runs many KV chunks through the online merge."""
-    monkeypatch.setattr(da, "_KV_CHUNK_ELEMS", 2 * 8 * 2 * 16)  # a couple of blocks per chunk
-    monkeypatch.setattr(da, "_MIN_CHUNK_SLOTS", 8)
+    monkeypatch.setattr(plan_module, "_KV_CHUNK_ELEMS", 2 * 8 * 2 * 16)  # a couple of blocks per chunk
+    monkeypatch.setattr(plan_module, "_MIN_CHUNK_SLOTS", 8)
+    monkeypatch.setattr(plan_module, "_MASK_CHUNK_ELEMS", 64)  # masked chunks too
     gen = torch.Generator().manual_seed(11)
     hkv, g, d, bs = 2, 2, 16, 8
     seqs = [make_seq(gen, hkv * g, hkv, d, bs, ctx, nq, fut, torch.float32)
@@ -448,3 +449,29 @@ def test_gpu_scale_reduce_matches_formula():
     assert torch.equal(gpu_out[3].cpu(), torch.zeros(6, 80))
     torch.testing.assert_close(gpu_out.cpu(), cpu_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu_lse.cpu(), cpu_lse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix_blocks, nq", [(0, 16), (3, 13), (2, 1 + 8 * 3)])
+def test_prefill_chunk_at_block_boundary_runs_causal_and_exact(prefix_blocks, nq):
+    """A prefill chunk whose queries start a block: its own keys go through the kernel's causal
+    mode (the last block may be partly filled, so there are more key slots than queries)."""
+    gen = torch.Generator().manual_seed(nq)
+    hkv, g, d, bs = 2, 3, 16, 8
+    ctx = prefix_blocks * bs + nq
+    seq = make_seq(gen, hkv * g, hkv, d, bs, ctx, nq, 0, torch.float32)
+    seq.segments = [(p, min(bs, ctx - p)) for p in range(0, ctx, bs)]  # full blocks, in order
+    num_blocks = len(seq.segments) + 2
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen)
+    ids = torch.randperm(num_blocks, generator=gen)[: len(seq.segments)].tolist()
+    for bid, (start, n) in zip(ids, seq.segments):
+        k_cache[bid, :n] = seq.k[start:start + n].float()
+        v_cache[bid, :n] = seq.v[start:start + n].float()
+    inst = Instance(k_cache, v_cache, [[(bid, start, n) for bid, (start, n) in zip(ids, seq.segments)]])
+    args = call_inputs([seq], inst, torch.float32)
+    plan = plan_module.plan_micro_attention(*args)
+    assert plan.groups[0].chunks[-1].causal == (nq > 1)
+    out, lse = micro_attention(*args, scale=d ** -0.5)
+    ref_out, ref_lse = reference(seq, d ** -0.5)
+    assert rel_err(out, ref_out) <= FP32_TOL
+    assert rel_err(lse, ref_lse) <= FP32_TOL

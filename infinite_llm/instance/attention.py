@@ -28,7 +28,9 @@ from infinite_llm.control.messages import AttnPartial, AttnQuery, GuestSeq
 from infinite_llm.control.plan import SeqWork
 from infinite_llm.control.rmanager import RManager
 from infinite_llm.instance.kv_cache import PagedKVCache
-from infinite_llm.kernels.dist_attention import micro_attention, scale_reduce
+from infinite_llm.kernels.dist_attention import (
+    MicroAttentionPlan, micro_attention, plan_micro_attention, run_micro_attention_plan, scale_reduce,
+)
 
 
 class RemoteAttentionError(RuntimeError):
@@ -44,6 +46,9 @@ class SegmentTables:
     block_tables: torch.Tensor
     block_starts: torch.Tensor
     block_lens: torch.Tensor
+    # The CPU kernel's index work for these tables, made at the step's first layer and reused
+    # by the others (it was redone per layer: 60-80% of a small decode step's attention time).
+    plan: Optional[MicroAttentionPlan] = None
 
 
 def build_segments(segments: list[tuple[int, int, list[int], list[int]]], block_size: int,
@@ -66,9 +71,15 @@ def build_segments(segments: list[tuple[int, int, list[int], list[int]]], block_
     return SegmentTables(as_long(cu), as_long(qpos), as_long(tables), as_long(starts), as_long(lens))
 
 
-def run_micro_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, seg: SegmentTables):
-    return micro_attention(q, cache.k[layer], cache.v[layer], seg.cu_seqlens, seg.q_positions,
-                           seg.block_tables, seg.block_starts, seg.block_lens)
+def run_micro_attention(q: torch.Tensor, cache: PagedKVCache, layer: int,
+                        seg: SegmentTables) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = cache.k[layer], cache.v[layer]
+    args = (seg.cu_seqlens, seg.q_positions, seg.block_tables, seg.block_starts, seg.block_lens)
+    if q.is_cuda:  # the Triton kernel reads the tables itself
+        return micro_attention(q, k, v, *args)
+    if seg.plan is None:
+        seg.plan = plan_micro_attention(q, k, v, *args)
+    return run_micro_attention_plan(seg.plan, q, k, v)
 
 
 # --------------------------------------------------------------------------- home side
@@ -199,11 +210,12 @@ class StepAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         layout = self.layout
-        self.cache.write(layer, layout.local_write_slots, k[layout.local_write_rows], v[layout.local_write_rows])
+        self.cache.write(layer, layout.local_write_slots, self._take(k, layout.local_write_rows),
+                         self._take(v, layout.local_write_rows))
         self._ship(layer, q, k, v)
         local = None
         if layout.local is not None:
-            local = run_micro_attention(q[layout.local_rows], self.cache, layer, layout.local)
+            local = run_micro_attention(self._take(q, layout.local_rows), self.cache, layer, layout.local)
         if layout.all_local:
             assert local is not None
             return local[0].to(q.dtype)
@@ -229,9 +241,16 @@ class StepAttention:
                 q=q[part.q_rows], k=k[part.kv_rows], v=v[part.kv_rows],
             ))
 
+    def _take(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x[rows]; row lists are ascending and distinct, so one as long as the step is all its
+        rows in order: then x itself (no copy; a single-instance step always takes this path)."""
+        return x if rows.numel() == self.layout.num_tokens else x[rows]
+
     def _scatter(self, rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A partial over all the step's rows: 0 / -inf where it has nothing (ScaleReduce
         then ignores it there)."""
+        if rows.numel() == self.layout.num_tokens:  # all rows, in order (see _take)
+            return out, lse
         full_out = torch.zeros(self.layout.num_tokens, self.hq, self.d, dtype=torch.float32, device=out.device)
         full_lse = torch.full((self.layout.num_tokens, self.hq), float("-inf"), dtype=torch.float32, device=out.device)
         full_out[rows] = out.float()
@@ -244,7 +263,8 @@ class StepAttention:
 class _GuestStep:
     seg: Optional[SegmentTables]
     write_slots: torch.Tensor
-    has_blocks: list[bool]
+    rows: torch.Tensor  # the query rows of sequences with blocks here (ascending)
+    num_rows: int  # all the query rows of the message
 
 
 class GuestAttention:
@@ -260,18 +280,26 @@ class GuestAttention:
         try:
             layout = self._layout(query)
             self.cache.write(query.layer, layout.write_slots, query.k.to(self.device), query.v.to(self.device))
-            hq, d = query.q.shape[1], query.q.shape[2]
-            out = torch.zeros(query.q.shape[0], hq, d, dtype=torch.float32)
-            lse = torch.full((query.q.shape[0], hq), float("-inf"), dtype=torch.float32)
-            if layout.seg is not None:
-                rows = self._rows(query.seqs, layout.has_blocks)
-                o, l = run_micro_attention(query.q.to(self.device)[rows], self.cache, query.layer, layout.seg)
-                out[rows.cpu()] = o.float().cpu()
-                lse[rows.cpu()] = l.float().cpu()
+            out, lse = self._attend(query, layout)
             self.num_served += 1
             return AttnPartial(self.rank, query.step, query.layer, out, lse)
         except Exception as exc:  # noqa: BLE001 - the home fails its step, not this instance
             return AttnPartial(self.rank, query.step, query.layer, None, None, error=f"{type(exc).__name__}: {exc}")
+
+    def _attend(self, query: AttnQuery, layout: _GuestStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) on the CPU for every query row: 0 / -inf for rows with no block here."""
+        q = query.q.to(self.device)
+        if layout.seg is not None and layout.rows.numel() == layout.num_rows:  # every row: no scatter
+            o, l = run_micro_attention(q, self.cache, query.layer, layout.seg)
+            return o.float().cpu(), l.float().cpu()
+        hq, d = query.q.shape[1], query.q.shape[2]
+        out = torch.zeros(layout.num_rows, hq, d, dtype=torch.float32)
+        lse = torch.full((layout.num_rows, hq), float("-inf"), dtype=torch.float32)
+        if layout.seg is not None:
+            o, l = run_micro_attention(q[layout.rows.to(self.device)], self.cache, query.layer, layout.seg)
+            out[layout.rows] = o.float().cpu()
+            lse[layout.rows] = l.float().cpu()
+        return out, lse
 
     def _layout(self, query: AttnQuery) -> _GuestStep:
         cached = self._steps.get(query.home)
@@ -293,7 +321,8 @@ class GuestAttention:
             if visible:
                 segments.append((s.start_pos, s.num_queries, [b for _, b in visible], [p for p, _ in visible]))
         layout = _GuestStep(build_segments(segments, bs, self.device),
-                            torch.tensor(slots, dtype=torch.long, device=self.device), has_blocks)
+                            torch.tensor(slots, dtype=torch.long, device=self.device),
+                            self._rows(query.seqs, has_blocks), sum(s.num_queries for s in query.seqs))
         self._steps[query.home] = (query.step, layout)
         return layout
 

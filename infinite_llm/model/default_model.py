@@ -123,11 +123,14 @@ def default_model_weights(cfg: ModelConfig, seed: int = DEFAULT_MODEL_SEED) -> d
     return {name: t.contiguous() for name, t in weights.items()}
 
 
-def write_default_model(folder: Path) -> None:
-    """Write the complete default checkpoint into `folder` (which must exist and be empty)."""
+def write_default_model(folder: Path, cfg: ModelConfig | None = None, seed: int = DEFAULT_MODEL_SEED) -> None:
+    """Write the complete default checkpoint into `folder` (which must exist and be empty).
+
+    `cfg` / `seed` give a random-weight checkpoint of another shape (the benchmarks need one
+    whose weights do not fit in the CPU's cache); the default model uses neither."""
     from safetensors.torch import save_file
 
-    cfg = default_model_config()
+    cfg = cfg if cfg is not None else default_model_config()
     tok = build_default_tokenizer()
     pad_id = tok.token_to_id(PAD_TOKEN)
 
@@ -138,7 +141,7 @@ def write_default_model(folder: Path) -> None:
     write_json("generation_config.json", {
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad_id,
     })
-    save_file(default_model_weights(cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(default_model_weights(cfg, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
     write_default_tokenizer(folder)
 
 
