@@ -308,3 +308,27 @@ def test_rebalancer_moves_blocks_only_when_memory_bound(llama_checkpoint, engine
                     debug_step_delay_s={0: 0.01})
     roomy.generate(prompts(12, [80, 30, 30, 30]), SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
     assert sum(i.migrations.num_migrated_blocks for i in roomy.engine.cluster.instances) == 0
+
+
+def test_a_request_that_fits_one_instance_reclaims_blocks_lent_to_one_that_does_not(llama_checkpoint, engines):
+    """Instance 1 lent blocks to a request larger than an instance; a request homed on 1 that
+    needs them gets them back (the long one is recomputed later), and both stay exact."""
+    llm = engines(llama_checkpoint, instances=2, blocks=16, batched_tokens=64,
+                  debug_step_delay_s={0: 0.02, 1: 0.02})  # the long one still runs when the short arrives
+    engine = llm.engine
+    long_prompt, short_prompt = prompts(31, [150, 110])
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    engine.add_request("long", long_prompt, params, home=0)  # 19 prompt blocks > 16: borrows 3 from 1
+    outputs: list = []
+    _wait_first_token(engine, "long", outputs)
+    lent = llm.engine.cluster.instances[1].rm.yielding_lent()
+    assert lent.get("long", (0, 0))[1] >= 3
+    engine.add_request("short", short_prompt, params, home=1)  # 14 prompt blocks: at most 13 are free
+    while engine.has_unfinished_requests():
+        outputs.extend(engine.step())
+    final = {o.request_id: o for o in outputs if o.finished}
+    assert final["long"].output_token_ids == hf_greedy(llama_checkpoint, long_prompt, 16)
+    assert final["short"].output_token_ids == hf_greedy(llama_checkpoint, short_prompt, 16)
+    assert final["long"].num_preemptions >= 1  # it gave the blocks back
+    assert final["short"].first_token_time < final["long"].finished_time  # short did not wait for long
+    assert_all_free(llm)

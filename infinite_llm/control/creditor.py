@@ -17,7 +17,7 @@ def on_borrow(rm: RManager, req: BorrowRequest) -> BorrowReply:
     if req.indices is None:
         refs = rm.reserve(req.borrower, req.request_id, req.num_blocks, req.copy_tags)
     else:
-        refs = rm.lend(req.borrower, req.request_id, req.num_blocks, req.indices)
+        refs = rm.lend(req.borrower, req.request_id, req.num_blocks, req.indices, yields=req.yields)
     return BorrowReply(req.tag, rm.instance_id, req.request_id, [r.block for r in refs] if refs else None)
 
 

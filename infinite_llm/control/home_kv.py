@@ -33,9 +33,10 @@ class PeerLink(Protocol):
         """(instance, lendable blocks as last reported) that may lend, best first."""
 
     def borrow(self, creditor: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
-               copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
+               copy_tags: Optional[list[int]] = None, yields: bool = False) -> Optional[list[int]]:
         """Blocks granted by `creditor` (all `num_blocks`), or None if it refused. Without
-        `indices` it is a migration reservation for the copies `copy_tags`."""
+        `indices` it is a migration reservation for the copies `copy_tags`. `yields`: the
+        request is larger than one instance (see `BorrowRequest.yields`)."""
 
     def release(self, creditor: int, request_id: str, blocks: Optional[list[int]]) -> None:
         """Give blocks back (None: all the request's blocks there); does not wait."""
@@ -112,6 +113,16 @@ class HomeKV:
         counts = self._counts.get(request_id)
         return bool(counts) and any(i != self.home for i in counts)
 
+    def pause_lending(self, paused: bool) -> None:
+        """A request homed here waits for memory: lend none of it to other homes meanwhile."""
+        with self.lock:
+            self.rm.lending_paused = paused
+
+    def fits_at_home(self, request_id: str, total_tokens: int) -> bool:
+        """Whether growing the request to `total_tokens` needs no block from another instance."""
+        with self.lock:
+            return self.num_blocks_needed(request_id, total_tokens) <= self.rm.num_free
+
     def num_blocks_needed(self, request_id: str, total_tokens: int) -> int:
         have = len(self._tables.get(request_id, []))
         return max(0, -(-total_tokens // self.block_size) - have)
@@ -167,7 +178,7 @@ class HomeKV:
                 if take <= 0 or creditor == self.home:
                     continue
                 indices = list(range(start + len(refs), start + len(refs) + take))
-                granted = self._borrow(creditor, request_id, take, indices)
+                granted = self._borrow(creditor, request_id, take, indices, yields=start + need > self.rm.pool.num_blocks)
                 if granted:
                     refs.extend(granted)
                     remaining -= take
@@ -210,9 +221,9 @@ class HomeKV:
         return self._borrow(instance, request_id, len(indices), indices)
 
     def _borrow(self, creditor: int, request_id: str, n: int, indices: Optional[list[int]],
-                copy_tags: Optional[list[int]] = None) -> Optional[list[BlockRef]]:
+                copy_tags: Optional[list[int]] = None, yields: bool = False) -> Optional[list[BlockRef]]:
         assert self.peers is not None
-        blocks = self.peers.borrow(creditor, request_id, n, indices, copy_tags)
+        blocks = self.peers.borrow(creditor, request_id, n, indices, copy_tags, yields)
         if not blocks:
             return None
         refs = [BlockRef(creditor, b) for b in blocks]

@@ -6,7 +6,8 @@ Only meaningful when no message is in flight (tests quiesce the cluster first):
    right side: own for its home, lent to its home otherwise;
 3. lender and borrower ledgers agree entry by entry (every lent block is in exactly one ledger
    on each side);
-4. each holder's guest index places exactly the home's table entries that live there.
+4. each holder's guest index places exactly the home's table entries that live there;
+5. a lent request marked as yielding still holds lent blocks there.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def _check_pools(rmanagers: Sequence[RManager], owner: dict[BlockRef, tuple[str,
         assert len(own) + len(lent) == len(allocated), f"instance {i}: ledgers count {len(own) + len(lent)} blocks"
         assert rm.num_lent == len(lent), f"instance {i}: lent counter {rm.num_lent} != {len(lent)}"
         assert rm.num_lent <= rm.lend_cap, f"instance {i} lent {rm.num_lent} blocks, past its cap {rm.lend_cap}"
+        for request_id, (borrower, n) in rm.yielding_lent().items():
+            assert n > 0, f"instance {i}: {request_id!r} of instance {borrower} yields but holds no lent block"
 
 
 def _check_ledgers(rmanagers: Sequence[RManager]) -> None:

@@ -78,6 +78,9 @@ class BorrowRequest:
     num_blocks: int
     indices: Optional[list[int]] = None
     copy_tags: Optional[list[int]] = None  # for a reservation: the copies that will fill it
+    # The request is larger than one instance: its blocks here go back (`ReclaimBlocks`) when
+    # a request that fits one instance waits for them on the creditor.
+    yields: bool = False
 
 
 @dataclass
@@ -95,6 +98,15 @@ class ReleaseBlocks:
     borrower: int
     request_id: str
     blocks: Optional[list[int]] = None
+
+
+@dataclass
+class ReclaimBlocks:
+    """Creditor -> home: a request homed on the creditor waits for memory it lent to this
+    request; give it back (the home recomputes the request later)."""
+
+    creditor: int
+    request_id: str
 
 
 @dataclass
@@ -317,6 +329,7 @@ class Stop:
 
 _SENDER_FIELD = {
     BorrowRequest: "borrower", BorrowReply: "creditor", ReleaseBlocks: "borrower", AttachBlock: "borrower",
+    ReclaimBlocks: "creditor",
     AttnQuery: "home", AttnPartial: "holder", CopyBlock: "home", BlockData: "src", CopyDone: "holder",
     Heartbeat: "instance", CreditorQuery: "instance", RequestUpdate: "instance",
 }

@@ -54,6 +54,10 @@ class RManager:
         self._copy_tags: dict[int, int] = {}
         self._num_lent = 0
         self._num_borrowed = 0
+        # Set while a request homed here waits for memory: none of it is lent to other homes.
+        self.lending_paused = False
+        # (borrower, request) lent to requests larger than one instance, which give blocks back.
+        self._yielding: set[tuple[int, str]] = set()
 
     # ------------------------------------------------------------------ counters
     @property
@@ -71,6 +75,8 @@ class RManager:
     @property
     def lendable(self) -> int:
         """How many blocks a lend (or reservation) could get right now."""
+        if self.lending_paused:
+            return 0
         return max(0, min(self.pool.num_free, self.lend_cap - self._num_lent))
 
     @property
@@ -82,6 +88,10 @@ class RManager:
     def borrowed_ledger(self) -> dict[str, dict[int, list[int]]]:
         """request -> creditor instance -> borrowed block ids (a copy)."""
         return {r: {c: list(ids) for c, ids in cr.items()} for r, cr in self._borrowed.items()}
+
+    def yielding_lent(self) -> dict[str, tuple[int, int]]:
+        """request -> (borrower, blocks lent to it) for lent requests larger than one instance."""
+        return {rid: (b, len(self._lent.get(b, {}).get(rid, []))) for b, rid in self._yielding}
 
     def own_blocks(self) -> dict[str, list[int]]:
         """request homed here -> its block ids on this instance (a copy)."""
@@ -104,7 +114,7 @@ class RManager:
         return [BlockRef(self.instance_id, b) for b in ids]
 
     def lend(
-        self, borrower: int, request_id: str, n: int, indices: Optional[list[int]] = None
+        self, borrower: int, request_id: str, n: int, indices: Optional[list[int]] = None, yields: bool = False
     ) -> Optional[list[BlockRef]]:
         """A remote allocation on behalf of instance `borrower`, from this pool only.
 
@@ -128,7 +138,7 @@ class RManager:
             raise ValueError(f"borrower instance must be >= 0, got {borrower}")
         if n > self.pool.num_free:
             return None
-        if self._num_lent + n > self.lend_cap:
+        if self._num_lent + n > self.lend_cap or (n and self.lending_paused):
             return None
         ids = self.pool.allocate(n)
         if ids:
@@ -136,6 +146,8 @@ class RManager:
             for block in ids:
                 self._holder[block] = (borrower, request_id)
             self._num_lent += len(ids)
+            if yields:
+                self._yielding.add((borrower, request_id))
             if indices is not None:
                 self._guest_index.setdefault(request_id, {}).update(zip(indices, ids))
         return [BlockRef(self.instance_id, b) for b in ids]
@@ -229,6 +241,8 @@ class RManager:
             else:
                 self._forget_guest(request_id, gone)
                 _remove_from(self._lent[borrower], request_id, gone)
+                if request_id not in self._lent[borrower]:
+                    self._yielding.discard((borrower, request_id))
                 if not self._lent[borrower]:
                     del self._lent[borrower]
                 self._num_lent -= len(gone)

@@ -22,6 +22,7 @@ drives the real instances and the cluster simulator.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -74,6 +75,9 @@ class Scheduler:
         # wait; 0: none this step). Newly admitted prompts are not held back by it.
         self.prefill_chunk_cap: Optional[int] = None
         self.num_preemptions = 0  # cumulative, over all requests ever seen
+        # (borrower, request) pairs to ask for lent blocks back; the engine sends them.
+        self.reclaims: list[tuple[int, str]] = []
+        self._reclaiming: set[str] = set()
 
     # ----------------------------------------------------------------- admission
     def max_context(self) -> int:
@@ -221,30 +225,10 @@ class Scheduler:
                 continue
             break  # the request preempted itself: nothing newer is left to run
 
-        # 2. waiting requests, FIFO (no admission while anything was preempted this step:
-        #    memory is short, and the preempted request is first in line anyway).
-        if not self.waiting:
-            self._blocked_on_memory = False
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-            and not preempted
-        ):
-            request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, chunk_cap, budget)
-            # Admission takes the KV of the whole prompt, not just this chunk: prompts admitted
-            # chunk by chunk would run out of memory halfway and preempt each other, and a
-            # preempted prompt's computed chunks are lost (recompute).
-            if not self.kv.allocate(request.request_id, request.num_tokens):
-                self._blocked_on_memory = True
-                break
-            self._blocked_on_memory = False
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled.append((request, num_new))
-            budget -= num_new
+        # 2. waiting requests (no admission while anything was preempted this step: memory is
+        #    short, and the preempted request is first in line anyway).
+        if not preempted:
+            self._admit_waiting(budget, chunk_cap, scheduled)
 
         out = SchedulerOutput(scheduled=[r for r, _ in scheduled], preempted=preempted)
         for request, num_new in scheduled:
@@ -266,6 +250,98 @@ class Scheduler:
                 )
             )
         return out
+
+    # How far down the waiting queue admission looks past requests larger than an instance.
+    ADMISSION_LOOKAHEAD = 64
+
+    def _admit_waiting(self, budget: int, chunk_cap: int, scheduled: list[tuple[Request, int]]) -> None:
+        """Admit waiting requests first come, first served, while budget and seats last.
+
+        Admission takes the KV of the whole prompt, not just its first chunk: prompts admitted
+        chunk by chunk would run out of memory halfway and preempt each other, losing their
+        computed chunks. A head that cannot get its memory stops admission, except a request
+        larger than this whole instance (it waits for the cluster to lend): requests behind it
+        that fit the home's free blocks go ahead, so a long request never holds short ones up.
+        No policy that rejects such requests (static) ever skips.
+        """
+        self._blocked_on_memory = False
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[index]
+            passing = index > 0  # going past a spanning head
+            if passing and not self.kv.fits_at_home(request.request_id, request.num_tokens):
+                index += 1
+                continue
+            if not self.kv.allocate(request.request_id, request.num_tokens):
+                self._blocked_on_memory |= not passing
+                if passing or not self._spans_instances(request):
+                    break
+                index += 1
+                continue
+            del self.waiting[index]
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_new = min(request.num_tokens - request.num_computed_tokens, chunk_cap, budget)
+            scheduled.append((request, num_new))
+            budget -= num_new
+        # The first waiting request that fits one instance waits for memory this instance could
+        # give it: lend none away meanwhile, and take back what requests larger than an
+        # instance hold here if that lets it start.
+        if self.kv.placement != "infinite":
+            return  # striped lends by design, static never
+        first = next((r for r in itertools.islice(self.waiting, self.ADMISSION_LOOKAHEAD)
+                      if not self._spans_instances(r)), None)
+        self.kv.pause_lending(first is not None)
+        if first is not None:
+            self._plan_reclaims(first)
+
+    def _plan_reclaims(self, head: Request) -> None:
+        """Requests larger than one instance yield to those that fit one: when the head fits
+        this instance but its blocks are lent out, or held by a running request of this home
+        that spans instances, ask for them back (most blocks first) until the head would fit.
+        Nothing is asked if even all of them would not make room."""
+        holding = self._yielding_blocks()
+        self._reclaiming &= holding.keys()
+        short = self.kv.num_blocks_needed(head.request_id, head.num_tokens) - self.kv.rm.num_free
+        short -= sum(holding[rid][1] for rid in self._reclaiming)  # already on their way back
+        candidates = sorted((item for item in holding.items() if item[0] not in self._reclaiming),
+                            key=lambda item: (-item[1][1], item[0]))
+        if short <= 0 or short > sum(n for _, (_, n) in candidates):
+            return
+        for rid, (home, n) in candidates:
+            if short <= 0:
+                break
+            self.reclaims.append((home, rid))
+            self._reclaiming.add(rid)
+            short -= n
+
+    def _yielding_blocks(self) -> dict[str, tuple[int, int]]:
+        """request -> (its home, blocks of this pool it holds) for the requests that yield: those
+        holding lent blocks here, and this home's running requests that span instances."""
+        rm = self.kv.rm
+        holding = rm.yielding_lent()
+        own = rm.own_blocks()
+        for request in self.running:
+            if self._spans_instances(request) and own.get(request.request_id):
+                holding[request.request_id] = (self.kv.home, len(own[request.request_id]))
+        return holding
+
+    def take_reclaims(self) -> list[tuple[int, str]]:
+        reclaims, self.reclaims = self.reclaims, []
+        return reclaims
+
+    def reclaim(self, request_id: str) -> Optional[Request]:
+        """A creditor wants its blocks back: recompute the request later (preemption). Returns
+        it if it was running."""
+        request = self.requests.get(request_id)
+        if request is None or request not in self.running:
+            return None
+        self._preempt(request)
+        return request
+
+    def _spans_instances(self, request: Request) -> bool:
+        """Larger than this whole instance (it can only run on lent memory)."""
+        return -(-request.num_tokens // self.block_size) > self.kv.rm.pool.num_blocks
 
     # -------------------------------------------------------------------- update
     def update(self, output: SchedulerOutput, results: Iterable[SampleResult], now: float) -> list[Request]:

@@ -167,6 +167,8 @@ class InstanceEngine:
         self.migrations.commit(running)
         self.scheduler.pace_prefill(self.pacer)
         out = self.scheduler.schedule()
+        for home, request_id in self.scheduler.take_reclaims():
+            self.endpoint.send(home, m.ReclaimBlocks(self.rank, request_id))
         self.migrations.issue({r.request_id: r for r in self.scheduler.running})
         if out.preempted:
             self._report(out.preempted)
@@ -246,6 +248,11 @@ class InstanceEngine:
                 self.migrations.add_order(item)
             elif isinstance(item, m.InstanceDown):
                 self._recover_from(item.instance)
+            elif isinstance(item, m.ReclaimBlocks):
+                request = self.scheduler.reclaim(item.request_id)
+                if request is not None:  # recomputed later, when memory allows
+                    self.migrations.forget(item.request_id)
+                    self._report([request])
             elif isinstance(item, m.InstanceJoined):
                 self.members.add(item.instance)
                 self._membership_changed(f"instance {item.instance} joined")
@@ -313,7 +320,7 @@ class InstanceEngine:
             if isinstance(message, m.InstanceDown):
                 self._on_instance_down(message)
                 continue
-            if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder, m.InstanceJoined)):
+            if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder, m.InstanceJoined, m.ReclaimBlocks)):
                 self._inbound.append(message)
                 self._wake.set()
                 continue
@@ -409,9 +416,9 @@ class InstanceEngine:
         return list(reply.candidates) if reply is not None else []
 
     def borrow(self, creditor: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
-               copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
+               copy_tags: Optional[list[int]] = None, yields: bool = False) -> Optional[list[int]]:
         reply = self._call(creditor, lambda tag: m.BorrowRequest(tag, self.rank, request_id, num_blocks,
-                                                                 indices, copy_tags))
+                                                                 indices, copy_tags, yields))
         return reply.blocks if reply is not None else None
 
     def release(self, creditor: int, request_id: str, blocks: Optional[list[int]]) -> None:

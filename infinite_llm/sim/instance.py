@@ -20,6 +20,7 @@ from infinite_llm.control.messages import (
     AddRequest,
     Heartbeat,
     MigrationOrder,
+    ReclaimBlocks,
     RequestPlacement,
 )
 from infinite_llm.control.migration import HomeMigrations
@@ -34,7 +35,7 @@ from infinite_llm.sim.links import HomeLink, World
 from infinite_llm.sim.memo_kv import MemoHomeKV
 from infinite_llm.sim.pricing import StepPrice, price_step
 
-Inbound = Union[AddRequest, MigrationOrder]
+Inbound = Union[AddRequest, MigrationOrder, ReclaimBlocks]
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class SimInstance:
         self.pacer = PrefillPacer(sched.max_num_batched_tokens, sched.prefill_slowdown, sched.lone_prefill_slowdown)
         self.layout = KVLayout(self.kv)
         self.inbound: deque[Inbound] = deque()
+        self.outbox: list[tuple[int, ReclaimBlocks]] = []  # messages to other instances, sent by the simulator
         self.in_flight: Optional[StepInFlight] = None
         self.free_at = 0.0  # when the loop is free: the end of the step or guest work in progress
         self.stats = InstanceStats()
@@ -112,11 +114,14 @@ class SimInstance:
             item = self.inbound.popleft()
             if isinstance(item, AddRequest):
                 admit(self, item.request)
+            elif isinstance(item, ReclaimBlocks):
+                self._give_back(item.request_id)
             else:
                 self.migrations.add_order(item)
         self.migrations.commit({r.request_id: r for r in self.scheduler.running})
         self._pace_prefill()
         out = self.scheduler.schedule()
+        self.outbox.extend((borrower, ReclaimBlocks(self.rank, rid)) for borrower, rid in self.scheduler.take_reclaims())
         self.migrations.issue({r.request_id: r for r in self.scheduler.running})
         for request in out.preempted:
             self.layout.forget(request.request_id)
@@ -128,6 +133,12 @@ class SimInstance:
         self.in_flight = StepInFlight(out, price, now)
         self._account(price)
         return self.in_flight
+
+    def _give_back(self, request_id: str) -> None:
+        """A creditor reclaims its blocks: the request is recomputed later (preempted)."""
+        if self.scheduler.reclaim(request_id) is not None:
+            self.migrations.forget(request_id)
+            self.layout.forget(request_id)
 
     def executed(self, seconds: float) -> None:
         """The in-flight step's execution took `seconds` (as the engine's pacer measures it)."""

@@ -71,10 +71,10 @@ class HomeLink:
         return self.world.gmanager.candidate_creditors(self.home, num_blocks, self.now)
 
     def borrow(self, creditor_id: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
-               copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
+               copy_tags: Optional[list[int]] = None, yields: bool = False) -> Optional[list[int]]:
         self._delay_s += 2 * self.world.cost.control_latency(self.home, creditor_id)
         self.num_borrows += 1
-        request = BorrowRequest(next(self._tags), self.home, request_id, num_blocks, indices, copy_tags)
+        request = BorrowRequest(next(self._tags), self.home, request_id, num_blocks, indices, copy_tags, yields)
         reply = creditor.on_borrow(self.world.rmanagers[creditor_id], request)
         if reply.blocks:
             self.world.touched(creditor_id)

@@ -236,6 +236,9 @@ class Simulator:
             self._finished(inst.finish_step(self.now))
         step = inst.begin_step(self.now, self.cost, self._speed, self._admit)
         self._dirty.add(i)
+        for dst, message in inst.outbox:
+            self._at(self.now + self.cost.control_latency(i, dst), self._deliver, dst, message)
+        inst.outbox.clear()
         if step is None:
             if inst.has_work():
                 self._schedule_step(i, self.now + self.setup.idle_poll_s)

@@ -162,9 +162,10 @@ class Node:
         return self.cluster.gm.candidate_creditors(self.id, num_blocks, self.cluster.now)
 
     def borrow(self, creditor_id: int, request_id: str, num_blocks: int, indices: Optional[list[int]],
-               copy_tags: Optional[list[int]] = None) -> Optional[list[int]]:
+               copy_tags: Optional[list[int]] = None, yields: bool = False) -> Optional[list[int]]:
         tag = next(self._tags)
-        self.net.send(self.id, creditor_id, m.BorrowRequest(tag, self.id, request_id, num_blocks, indices, copy_tags))
+        self.net.send(self.id, creditor_id,
+                      m.BorrowRequest(tag, self.id, request_id, num_blocks, indices, copy_tags, yields))
         self.net.deliver_until(lambda: tag in self._replies)
         return self._replies.pop(tag).blocks
 

@@ -340,3 +340,57 @@ def test_a_resumed_request_is_admitted_past_a_full_waiting_queue():
         sched.add_request(req("b", 4))
     sched.add_request(req("c", 4), enforce_queue_limit=False)
     assert [r.request_id for r in sched.waiting] == ["a", "c"]
+
+
+# --------------------------------------------------------------------------- long requests yield
+def test_a_request_larger_than_its_instance_does_not_hold_up_those_behind_it():
+    c = make(num_instances=2, blocks=8, budget=64)
+    s = c[0].scheduler
+    c[1].kv.allocate("peer-full", 8 * 4)  # nothing left to lend: "long" cannot start
+    s.add_request(req("long", 40, max_tokens=4))  # 11 blocks > 8: must borrow
+    s.add_request(req("short", 8, max_tokens=2))  # fits at home: goes ahead
+    s.add_request(req("big", 28, max_tokens=2))  # 8 blocks: does not fit beside short, waits
+    run_step(s)
+    assert [r.request_id for r in s.running] == ["short"]
+    assert [r.request_id for r in s.waiting] == ["long", "big"]
+    assert c[0].rm.lending_paused  # "big" fits this instance: its memory is not lent away
+
+
+def test_a_normal_head_stops_admission_as_before():
+    c = make(blocks=8, budget=64)
+    s = c[0].scheduler
+    s.add_request(req("a", 20, max_tokens=8))  # 6 blocks with its output
+    s.add_request(req("b", 16, max_tokens=8))  # does not fit beside a
+    s.add_request(req("c", 2))  # would fit, but first come first served
+    run_step(s)
+    assert [r.request_id for r in s.waiting] == ["b", "c"]
+
+
+def test_blocks_lent_to_a_request_larger_than_an_instance_are_reclaimed_for_one_that_fits():
+    c = make(num_instances=2, blocks=8, budget=64)
+    long = c[0].scheduler
+    long.add_request(req("long", 44, max_tokens=4))  # 11 blocks: 8 at home + 3 lent by instance 1
+    run_step(long)
+    assert c[1].rm.yielding_lent() == {"long": (0, 3)}
+    s = c[1].scheduler
+    s.add_request(req("fits", 24, max_tokens=4))  # 7 blocks: 5 are free on instance 1
+    run_step(s)
+    assert s.take_reclaims() == [(0, "long")]
+    assert s.take_reclaims() == []  # asked once
+    assert long.reclaim("long") is not None  # the home gives the blocks back
+    c.drain()
+    run_step(s)
+    assert [r.request_id for r in s.running] == ["fits"]
+
+
+def test_a_normal_borrower_is_not_reclaimed():
+    c = make(num_instances=2, blocks=8, budget=64)
+    a = c[0].scheduler
+    c[0].kv.allocate("filler", 6 * 4)
+    a.add_request(req("normal", 16, max_tokens=4))  # 4 blocks: 2 at home, 2 borrowed, < 8 in all
+    run_step(a)
+    assert c[1].rm.num_lent == 2 and c[1].rm.yielding_lent() == {}
+    s = c[1].scheduler
+    s.add_request(req("fits", 28, max_tokens=4))  # 7 blocks, 6 free: waits for "normal" to end
+    run_step(s)
+    assert s.take_reclaims() == []
