@@ -2,6 +2,10 @@
 
 The home's own pool comes first: a request's new KV goes to the home while it has room, and
 only when it is full are blocks borrowed from the creditors the gManager names (`infinite`).
+One exception: a request larger than one instance (it can only ever run on lent memory) has what
+it borrows spread level over the home and the creditors (`water_fill`), because attention over
+it waits for its biggest holder, and a home filled by it would have no room left for the short
+requests homed there.
 `static` never borrows; `striped` puts block j of a request on the j-th live member after the
 home (ids in order, wrapping).
 Everything that crosses instances goes through a `PeerLink` (borrow -> grant/refuse, release,
@@ -64,6 +68,28 @@ def max_tokens_per_request(placement: str, num_instances: int, num_blocks_per_in
     else:
         blocks = num_blocks_per_instance + (num_instances - 1) * min(lend_cap, num_blocks_per_instance)
     return blocks * block_size
+
+
+def water_fill(need: int, room: list[int]) -> Optional[list[int]]:
+    """Shares of `need` blocks over holders with `room` each, as level as their room allows (the
+    largest share as small as it can be; the first holder keeps the level longest). None if the
+    room is short."""
+    if need > sum(room):
+        return None
+    level_lo, level_hi = 0, max(room, default=0)
+    while level_lo < level_hi:  # the lowest level L with sum(min(r, L)) >= need
+        mid = (level_lo + level_hi) // 2
+        if sum(min(r, mid) for r in room) >= need:
+            level_hi = mid
+        else:
+            level_lo = mid + 1
+    shares = [min(r, level_lo) for r in room]
+    excess = sum(shares) - need
+    for i in range(len(shares) - 1, -1, -1):
+        if excess and shares[i] == level_lo:
+            shares[i] -= 1
+            excess -= 1
+    return shares
 
 
 class HomeKV:
@@ -165,29 +191,62 @@ class HomeKV:
 
     def _allocate_home_first(self, request_id: str, start: int, need: int) -> Optional[list[BlockRef]]:
         with self.lock:
-            local = min(need, self.rm.num_free)
-            refs = self.rm.allocate_local(request_id, local) or []
-        remaining = need - local
-        if remaining and (self.placement == "static" or self.num_instances == 1):
-            self._give_back(request_id, refs)
+            free = self.rm.num_free
+            if need <= free:
+                return self.rm.allocate_local(request_id, need)
+        if self.placement == "static" or self.num_instances == 1:
             return None
-        if remaining:
-            assert self.peers is not None
-            for creditor, lendable in self.peers.creditors(remaining):
-                take = min(remaining, lendable)
-                if take <= 0 or creditor == self.home:
-                    continue
-                indices = list(range(start + len(refs), start + len(refs) + take))
-                granted = self._borrow(creditor, request_id, take, indices, yields=start + need > self.rm.pool.num_blocks)
-                if granted:
-                    refs.extend(granted)
-                    remaining -= take
-                if not remaining:
-                    break
-        if remaining:
+        assert self.peers is not None
+        creditors = [(c, n) for c, n in self.peers.creditors(need - free) if c != self.home and n > 0]
+        yields = start + need > self.rm.pool.num_blocks  # larger than one instance
+        if self.placement == "infinite" and yields:
+            return self._allocate_level(request_id, start, need, free, creditors)
+        with self.lock:
+            refs = self.rm.allocate_local(request_id, min(free, self.rm.num_free)) or []
+        for creditor, lendable in creditors:
+            take = min(need - len(refs), lendable)
+            if take > 0:
+                self._borrow_into(refs, creditor, request_id, take, start, yields)
+        if len(refs) < need:
             self._give_back(request_id, refs)
             return None
         return refs
+
+    def _allocate_level(self, request_id: str, start: int, need: int, free: int,
+                        creditors: list[tuple[int, int]]) -> Optional[list[BlockRef]]:
+        """Water-fill the blocks over the home's free room and the creditors' lendable room, so
+        that no holder (the home included) holds much more of the request than the others. A
+        creditor may refuse (the gManager's view lags): its share falls to the home's leftover
+        room, then to what the others said they could lend beyond their share; if still short,
+        all goes back."""
+        shares = water_fill(need, [free] + [n for _, n in creditors])
+        if shares is None:
+            return None
+        with self.lock:
+            refs = self.rm.allocate_local(request_id, shares[0]) or []
+        refused = set()
+        for (creditor, _), share in zip(creditors, shares[1:]):
+            if share and not self._borrow_into(refs, creditor, request_id, share, start, yields=True):
+                refused.add(creditor)
+        with self.lock:
+            short = need - len(refs)
+            refs.extend(self.rm.allocate_local(request_id, min(short, self.rm.num_free)) or [])
+        for (creditor, lendable), share in zip(creditors, shares[1:]):
+            spare = min(need - len(refs), lendable - share)
+            if spare > 0 and creditor not in refused:
+                self._borrow_into(refs, creditor, request_id, spare, start, yields=True)
+        if len(refs) < need:
+            self._give_back(request_id, refs)
+            return None
+        return refs
+
+    def _borrow_into(self, refs: list[BlockRef], creditor: int, request_id: str, n: int, start: int,
+                     yields: bool) -> bool:
+        """Borrow `n` blocks for the next table positions, appending them to `refs`."""
+        indices = list(range(start + len(refs), start + len(refs) + n))
+        got = self._borrow(creditor, request_id, n, indices, yields=yields)
+        refs.extend(got or [])
+        return bool(got)
 
     def _allocate_striped(self, request_id: str, start: int, need: int) -> Optional[list[BlockRef]]:
         """Block j on the j-th member after the home; one that refuses is skipped for the rest."""

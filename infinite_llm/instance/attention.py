@@ -161,6 +161,7 @@ class PartialMailbox:
         self._cond = threading.Condition()
         self._partials: dict[tuple[int, int, int], AttnPartial] = {}
         self._lost: set[int] = set()
+        self._closed = False
         self.on_wait = on_wait
 
     def put(self, partial: AttnPartial) -> None:
@@ -176,6 +177,12 @@ class PartialMailbox:
             self._lost.add(holder)
             self._cond.notify_all()
 
+    def close(self) -> None:
+        """The instance stops: no wait may outlive it."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
     def take(self, step: int, layer: int, holder: int, timeout_s: float) -> AttnPartial:
         key = (step, layer, holder)
         deadline = time.monotonic() + timeout_s
@@ -183,6 +190,8 @@ class PartialMailbox:
             while key not in self._partials:
                 if holder in self._lost:
                     raise PeerLost(holder)
+                if self._closed:
+                    raise RemoteAttentionError("the instance is stopping")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RemoteAttentionError(

@@ -118,6 +118,7 @@ class InstanceEngine:
         """Ask every thread to exit and wait up to `timeout_s` for each (0: do not wait)."""
         self._stop.set()
         self._wake.set()
+        self.mailbox.close()
         if not self._closed:
             self._closed = True
             self.endpoint.close()
@@ -340,6 +341,7 @@ class InstanceEngine:
             self.fenced = True
             self._stop.set()
             self._wake.set()
+            self.mailbox.close()  # a step waiting on peers that now ignore us ends at once
             return
         if down.instance in self.dead:
             return
@@ -406,7 +408,7 @@ class InstanceEngine:
         deadline = time.monotonic() + timeout_s
         while not call.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
             self._tick()  # waiting on a peer is not a wedged loop
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self._stop.is_set():
                 self._calls.pop(tag, None)
                 return None
         return call.reply

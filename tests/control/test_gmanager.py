@@ -158,23 +158,24 @@ def test_view_from_the_instances_heartbeats():
     c = Cluster(3, num_blocks=4, block_size=4)
     assert [c.gm.status(i).lendable for i in range(3)] == [4, 4, 4]
     homes = {0: {}, 1: {}}
-    assert c[0].kv.allocate("a", 40)  # 4 at home, 4 + 2 borrowed
-    assert c[1].kv.allocate("b", 4)  # instance 1 lent everything: b borrows from 2
-    homes[0]["a"] = _running("a", 40)
-    homes[1]["b"] = _running("b", 4)
+    assert c[0].kv.allocate("a", 32)  # 8 blocks, larger than an instance: spread 3 / 3 / 2
+    # 2 blocks, 1 free at home: borrows 1 from the first creditor the (not yet updated) view names
+    assert c[1].kv.allocate("b", 8)
+    homes[0]["a"] = _running("a", 32)
+    homes[1]["b"] = _running("b", 8)
     c.beat(running=homes)
-    assert c.gm.placement("a") == {0: 16, 1: 16, 2: 8} and c.gm.placement("b") == {2: 4}
-    assert c.gm.debt_ledger() == {(0, 1): 16, (0, 2): 8, (1, 2): 4}
-    assert [c.gm.status(i).lendable for i in range(3)] == [0, 0, 1]
-    assert c.gm.candidate_creditors(1, 1, now=c.now) == [(2, 1)]
+    assert c.gm.placement("a") == {0: 12, 1: 12, 2: 8} and c.gm.placement("b") == {0: 4, 1: 4}
+    assert c.gm.debt_ledger() == {(0, 1): 12, (0, 2): 8, (1, 0): 4}
+    assert [c.gm.status(i).lendable for i in range(3)] == [0, 0, 2]
+    assert c.gm.candidate_creditors(1, 1, now=c.now) == [(2, 2)]
     c[0].kv.free("a")
     del homes[0]["a"]
     c.drain()
     c.beat(running=homes, via_network=True)
     assert c.gm.placement("a") != {}  # the beat is still on its way
     c.drain()
-    assert c.gm.placement("a") == {} and c.gm.debt_ledger() == {(1, 2): 4}
-    assert [c.gm.status(i).lendable for i in range(3)] == [4, 4, 3]
+    assert c.gm.placement("a") == {} and c.gm.debt_ledger() == {(1, 0): 4}
+    assert [c.gm.status(i).lendable for i in range(3)] == [3, 3, 4]
 
 
 def _running(rid, tokens):

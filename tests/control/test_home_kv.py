@@ -63,10 +63,11 @@ def test_new_tokens_go_home_while_it_has_room():
 
 
 def test_creditor_order_follows_the_gmanager_and_survives_a_stale_view():
-    c = Cluster(3, num_blocks=[2, 4, 8], block_size=BS)
+    c = Cluster(3, num_blocks=[5, 4, 8], block_size=BS)
     # Instance 2 reported 8 lendable blocks, then filled up; the gManager does not know yet.
     assert c[2].kv.allocate("x", 8 * BS)
     assert c[2].rm.lendable == 0 and c.gm.status(2).lendable == 8
+    assert c[0].kv.allocate("pad", 3 * BS)
     assert c[0].kv.allocate("a", 5 * BS)  # 2 at home, 3 to borrow: asks 2 first (refused), then 1
     assert [(r.borrower, r.num_blocks) for r in borrow_messages(c)][-2:] == [(0, 3), (0, 3)]
     assert [msg for _, dst, msg in c.net.sent if isinstance(msg, m.BorrowReply)][-2].blocks is None
@@ -113,13 +114,14 @@ def test_refused_partial_borrow_gives_everything_back():
 
 
 def test_refused_growth_keeps_what_the_request_had():
-    c = Cluster(2, num_blocks=4, block_size=BS, lend_fraction=0.5)  # instance 1 lends at most 2
+    c = Cluster(2, num_blocks=[6, 4], block_size=BS, lend_fraction=0.5)  # instance 1 lends at most 2
+    assert c[0].kv.allocate("pad", 2 * BS)
     assert c[0].kv.allocate("a", 5 * BS)
     before = c.table(0, "a")
     assert c[0].kv.allocate("a", 7 * BS) is False
     assert c.table(0, "a") == before
     c.check()
-    assert c.used_blocks() == [4, 1]
+    assert c.used_blocks() == [6, 1]
 
 
 def test_static_never_borrows():
@@ -217,8 +219,9 @@ def test_an_infinite_request_of_the_maximum_size_fits_an_empty_cluster():
 
 
 def test_placement_of_reports_only_full_blocks_as_movable():
-    c = Cluster(2, num_blocks=4, block_size=BS)
-    assert c[0].kv.allocate("a", 6 * BS)  # 4 home + 2 on instance 1
+    c = Cluster(2, num_blocks=[6, 4], block_size=BS)
+    assert c[0].kv.allocate("pad", 2 * BS)
+    assert c[0].kv.allocate("a", 6 * BS)  # fits one instance: 4 home + 2 on instance 1
     p = c[0].kv.placement_of("a", num_computed_tokens=5 * BS + 1)  # blocks 0-4 full, 5 partial
     assert p == m.RequestPlacement("a", 0, {0: 4 * BS, 1: 2 * BS}, {0: 4, 1: 1})
     p = c[0].kv.placement_of("a", num_computed_tokens=3 * BS)  # blocks 3.. still to be written
@@ -241,14 +244,17 @@ def test_num_blocks_needed_and_construction_errors():
 
 # --------------------------------------------------------------------------- moves
 def _split_request(c):
-    """A request homed on 0 with positions 0-3 at home and 4-5 on instance 1."""
+    """A request homed on 0 with positions 0-3 at home and 4-5 on instance 1: it fits one
+    instance (6 blocks), the home had room for 4 (a 2-block pad, freed again)."""
+    assert c[0].kv.allocate("pad", 2 * BS)
     assert c[0].kv.allocate("a", 6 * BS)
+    c[0].kv.free("pad")
     assert [r.instance for r in c.table(0, "a")] == [0, 0, 0, 0, 1, 1]
     c.check()
 
 
 def test_commit_move_from_home_to_creditor():
-    c = Cluster(3, num_blocks=4, block_size=BS)
+    c = Cluster(3, num_blocks=[6, 4, 4], block_size=BS)
     _split_request(c)
     old = c.table(0, "a")[1]
     (dst,) = c[0].kv.reserve("a", 1, [0])
@@ -264,10 +270,8 @@ def test_commit_move_from_home_to_creditor():
 
 
 def test_commit_move_from_creditor_to_home():
-    c = Cluster(3, num_blocks=[5, 4, 4], block_size=BS)
-    assert c[0].kv.allocate("pad", 1)
-    _split_request(c)
-    c[0].kv.free("pad")  # room at home again
+    c = Cluster(3, num_blocks=[6, 4, 4], block_size=BS)
+    _split_request(c)  # its pad is freed: room at home again
     old = c.table(0, "a")[4]
     (dst,) = c[0].kv.reserve("a", 0, [0])
     assert dst.instance == 0
@@ -281,7 +285,7 @@ def test_commit_move_from_creditor_to_home():
 
 
 def test_commit_move_from_creditor_to_a_third_instance():
-    c = Cluster(3, num_blocks=4, block_size=BS)
+    c = Cluster(3, num_blocks=[6, 4, 4], block_size=BS)
     _split_request(c)
     old = c.table(0, "a")[5]
     (dst,) = c[0].kv.reserve("a", 2, [0])
@@ -317,3 +321,24 @@ def test_cancel_reservation_and_move_errors():
     static[0].kv.allocate("a", 1)
     with pytest.raises(ValueError, match="static"):
         static[0].kv.reserve("a", 1, [0])
+
+
+# --------------------------------------------------------------------------- level spread
+def test_water_fill_is_as_level_as_the_room_allows():
+    from infinite_llm.control.home_kv import water_fill
+
+    assert water_fill(6, [4, 4, 4]) == [2, 2, 2]
+    assert water_fill(7, [4, 4, 4]) == [3, 2, 2]  # the home keeps the level longest
+    assert water_fill(9, [1, 8, 2]) == [1, 6, 2]
+    assert water_fill(0, [3, 3]) == [0, 0]
+    assert water_fill(7, [3, 3]) is None
+
+
+def test_more_than_the_home_and_one_creditor_hold_is_spread_level():
+    c = Cluster(4, num_blocks=4, block_size=BS)
+    assert c[0].kv.allocate("wide", 10 * BS)  # 4 + 4 < 10: over all four, not home-full first
+    assert c[0].kv.holders("wide") == {0: 3, 1: 3, 2: 2, 3: 2}
+    assert {rid for rid in c[1].rm.yielding_lent()} == {"wide"}  # larger than an instance: yields
+    assert c[0].kv.allocate("wide", 11 * BS)  # growth goes home first, as for any request
+    assert c[0].kv.holders("wide")[0] == 4
+    c.check()

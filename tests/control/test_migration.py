@@ -265,9 +265,9 @@ def test_a_newer_order_replaces_an_older_one():
     (0, 2, [0, 0, 0, 2, 1, 1]),  # home -> another creditor
 ])
 def test_moves_between_any_two_holders(src, dst, expected):
-    c = Cluster(3, num_blocks=[5, 4, 4], block_size=BS, migration_tokens_per_step=1 * BS)
-    assert c[0].kv.allocate("pad", 1)
-    r = admit(c, 0, "r", 6 * BS)  # positions 0-3 at home, 4-5 on instance 1
+    c = Cluster(3, num_blocks=[6, 4, 4], block_size=BS, migration_tokens_per_step=1 * BS)
+    assert c[0].kv.allocate("pad", 2 * BS)
+    r = admit(c, 0, "r", 6 * BS)  # fits one instance: positions 0-3 at home, 4-5 on instance 1
     c[0].kv.free("pad")
     assert instances(c, 0, "r") == [0, 0, 0, 0, 1, 1]
     c[0].migrations.add_order(MigrationOrder("r", src, dst, 1))
@@ -289,7 +289,8 @@ def test_a_late_copy_never_overwrites_a_reused_block():
     preempted; re-admitted, it borrows from instance 1 and gets the same block id for a live
     position, whose KV it writes. Then the stale BlockData arrives: the target refuses it, since
     the block is no longer reserved for that copy."""
-    c = Cluster(3, num_blocks=[4, 6, 8], block_size=BS, migration_tokens_per_step=1 * BS)
+    c = Cluster(3, num_blocks=[6, 6, 8], block_size=BS, migration_tokens_per_step=1 * BS)
+    assert c[0].kv.allocate("pad", 2 * BS)  # the home has room for 4 of the request's 6 blocks
     r = admit(c, 0, "r", 6 * BS)
     assert instances(c, 0, "r") == [0, 0, 0, 0, 2, 2]
     mig = c[0].migrations
@@ -313,8 +314,8 @@ def test_a_late_copy_never_overwrites_a_reused_block():
 def test_a_late_copy_never_fills_a_new_reservation_of_the_same_block():
     """Same, but the block is reserved again by a newer copy of another position, from another
     source: only the newer copy may fill it, whichever BlockData arrives last."""
-    c = Cluster(3, num_blocks=[5, 6, 8], block_size=BS, migration_tokens_per_step=1 * BS)
-    assert c[0].kv.allocate("pad", 1)
+    c = Cluster(3, num_blocks=[6, 6, 8], block_size=BS, migration_tokens_per_step=1 * BS)
+    assert c[0].kv.allocate("pad", 2 * BS)
     r = admit(c, 0, "r", 6 * BS)  # positions 0-3 at home, 4-5 on instance 2
     c[0].kv.free("pad")
     assert instances(c, 0, "r") == [0, 0, 0, 0, 2, 2]

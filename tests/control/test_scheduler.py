@@ -158,9 +158,9 @@ def test_preemption_by_recompute_newest_first_frees_blocks():
 def test_a_remote_borrow_lets_a_prompt_larger_than_its_instance_run():
     c = make(num_instances=2, blocks=4, budget=64)
     s = c[0].scheduler
-    s.add_request(req("big", 24, max_tokens=2))  # 6 blocks: 4 at home, 2 borrowed
+    s.add_request(req("big", 24, max_tokens=2))  # 6 blocks > 4: spread level, 3 at home, 3 borrowed
     run_step(s)
-    assert c[0].kv.holders("big") == {0: 4, 1: 2}
+    assert c[0].kv.holders("big") == {0: 3, 1: 3}
     while s.has_unfinished():
         run_step(s)
     c.check()
@@ -197,9 +197,9 @@ def test_max_context_follows_the_policy():
 def test_abort_frees_local_and_remote_blocks_and_is_idempotent():
     c = make(num_instances=2, blocks=4, budget=64)
     s = c[0].scheduler
-    s.add_request(req("a", 20))
+    s.add_request(req("a", 20))  # 5 blocks > 4: spread level
     run_step(s)
-    assert c.used_blocks() == [4, 1]
+    assert c.used_blocks() == [3, 2]
     assert s.abort("a") is not None
     assert s.abort("a") is None
     assert s.requests["a"].status == RequestStatus.FINISHED
@@ -278,11 +278,11 @@ def test_preempted_requests_count_as_waiting_for_memory():
 def test_each_instance_has_its_own_budget_and_batch():
     c = make(num_instances=2, blocks=8, budget=8)
     a, b = c[0].scheduler, c[1].scheduler
-    a.add_request(req("long", 40, max_tokens=2))  # 10 blocks: borrows 2 from instance 1
+    a.add_request(req("long", 40, max_tokens=2))  # 10 blocks > 8: spread level over both
     b.add_request(req("short", 4, max_tokens=3))
     out_a = run_step(a)
     assert [(w.request_id, len(w.token_ids)) for w in out_a.batch] == [("long", 8)]
-    assert c[0].kv.holders("long") == {0: 8, 1: 2}
+    assert c[0].kv.holders("long") == {0: 5, 1: 5}
     # Instance 1 lent blocks but runs its own requests with its own full budget, whatever 0 does.
     out_b = run_step(b)
     assert [(w.request_id, len(w.token_ids)) for w in out_b.batch] == [("short", 4)]
@@ -369,11 +369,11 @@ def test_a_normal_head_stops_admission_as_before():
 def test_blocks_lent_to_a_request_larger_than_an_instance_are_reclaimed_for_one_that_fits():
     c = make(num_instances=2, blocks=8, budget=64)
     long = c[0].scheduler
-    long.add_request(req("long", 44, max_tokens=4))  # 11 blocks: 8 at home + 3 lent by instance 1
+    long.add_request(req("long", 44, max_tokens=4))  # 11 blocks: 6 at home + 5 lent by instance 1
     run_step(long)
-    assert c[1].rm.yielding_lent() == {"long": (0, 3)}
+    assert c[1].rm.yielding_lent() == {"long": (0, 5)}
     s = c[1].scheduler
-    s.add_request(req("fits", 24, max_tokens=4))  # 7 blocks: 5 are free on instance 1
+    s.add_request(req("fits", 24, max_tokens=4))  # 7 blocks: 3 are free on instance 1
     run_step(s)
     assert s.take_reclaims() == [(0, "long")]
     assert s.take_reclaims() == []  # asked once
