@@ -266,9 +266,10 @@ class Scheduler:
         """
         self._blocked_on_memory = False
         index = 0
-        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (index < min(len(self.waiting), self.ADMISSION_LOOKAHEAD) and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[index]
-            passing = index > 0  # going past a spanning head
+            passing = index > 0  # going past a head larger than an instance
             if passing and not self.kv.fits_at_home(request.request_id, request.num_tokens):
                 index += 1
                 continue
