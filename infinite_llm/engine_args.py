@@ -26,20 +26,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget (prefill chunk size)")
     g.add_argument("--long-prefill-token-threshold", type=int, default=None,
                    help="largest prefill chunk one request takes per step (default: the whole budget)")
-    g.add_argument("--prefill-slowdown", type=float, default=2.0,
+    g.add_argument("--prefill-slowdown", type=float, default=SchedulerConfig.prefill_slowdown,
                    help="a step carrying a running prompt's chunk may take this many times a decode-only step "
                         "while others decode or wait (chunks are sized from measured step times)")
-    g.add_argument("--lone-prefill-slowdown", type=float, default=4.0,
+    g.add_argument("--lone-prefill-slowdown", type=float, default=SchedulerConfig.lone_prefill_slowdown,
                    help="the same bound while the prompt runs alone (bounds a newcomer's first-token delay)")
     g.add_argument("--max-waiting", type=int, default=1024, help="waiting-queue bound (HTTP 429 past it)")
     g.add_argument("--rebalance-interval-s", type=float, default=0.5,
                    help="the gManager plans KV migrations this often (infinite policy)")
-    g.add_argument("--heartbeat-interval-s", type=float, default=0.1,
+    g.add_argument("--heartbeat-interval-s", type=float, default=ClusterConfig.heartbeat_interval_s,
                    help="instances report block counts and load to the gManager this often")
-    g.add_argument("--instance-timeout", type=float, default=5.0, dest="instance_timeout_s",
+    g.add_argument("--instance-timeout", type=float, default=ClusterConfig.instance_timeout_s,
+                   dest="instance_timeout_s",
                    help="declare an instance dead when its heartbeats or step loop stop this long (s); "
                         "its requests are then recomputed on the other instances")
-    g.add_argument("--cross-host-copy-factor", type=float, default=4.0,
+    g.add_argument("--cross-host-copy-factor", type=float, default=ClusterConfig.cross_host_copy_factor,
                    help="the rebalancer counts a KV block copied between hosts as this many copies within one")
     g.add_argument("--migration-tokens-per-step", type=int, default=256)
     g.add_argument("--perf-model", default=None, help="profiled perf model JSON (from `infinite-llm profile`)")

@@ -144,6 +144,11 @@ class HomeKV:
         with self.lock:
             self.rm.lending_paused = paused
 
+    def spans_instances(self, total_tokens: int) -> bool:
+        """Whether a request of `total_tokens` is larger than this whole instance (it can only
+        ever run on lent memory)."""
+        return -(-total_tokens // self.block_size) > self.rm.pool.num_blocks
+
     def fits_at_home(self, request_id: str, total_tokens: int) -> bool:
         """Whether growing the request to `total_tokens` needs no block from another instance."""
         with self.lock:
@@ -198,7 +203,7 @@ class HomeKV:
             return None
         assert self.peers is not None
         creditors = [(c, n) for c, n in self.peers.creditors(need - free) if c != self.home and n > 0]
-        yields = start + need > self.rm.pool.num_blocks  # larger than one instance
+        yields = self.spans_instances((start + need) * self.block_size)
         if self.placement == "infinite" and yields:
             return self._allocate_level(request_id, start, need, free, creditors)
         with self.lock:

@@ -341,8 +341,7 @@ class Scheduler:
         return request
 
     def _spans_instances(self, request: Request) -> bool:
-        """Larger than this whole instance (it can only run on lent memory)."""
-        return -(-request.num_tokens // self.block_size) > self.kv.rm.pool.num_blocks
+        return self.kv.spans_instances(request.num_tokens)
 
     # -------------------------------------------------------------------- update
     def update(self, output: SchedulerOutput, results: Iterable[SampleResult], now: float) -> list[Request]:

@@ -71,10 +71,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-seqs-per-instance", type=int, default=64, help="an instance's max_num_seqs")
     s.add_argument("--max-batched-tokens-per-instance", type=int, default=2048,
                    help="an instance's per-step token budget (and largest prefill chunk)")
-    s.add_argument("--prefill-slowdown", type=float, default=2.0,
+    s.add_argument("--prefill-slowdown", type=float, default=SchedulerConfig.prefill_slowdown,
                    help="as the engine's: a running prompt's chunk may make a step this many times a "
                         "decode-only step while others decode or wait (control/pacer.py)")
-    s.add_argument("--lone-prefill-slowdown", type=float, default=4.0,
+    s.add_argument("--lone-prefill-slowdown", type=float, default=SchedulerConfig.lone_prefill_slowdown,
                    help="as the engine's: the same when the prompt runs alone")
     s.add_argument("--migration-tokens-per-step", type=int, default=1024,
                    help="KV a home copies per step at most while migrating")
