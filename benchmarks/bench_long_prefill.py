@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--long-prefill-token-threshold", type=int, default=None)
-    parser.add_argument("--prefill-slowdown", type=float, default=2.0)
-    parser.add_argument("--lone-prefill-slowdown", type=float, default=4.0)
+    parser.add_argument("--prefill-slowdown", type=float, default=SchedulerConfig.prefill_slowdown)
+    parser.add_argument("--lone-prefill-slowdown", type=float, default=SchedulerConfig.lone_prefill_slowdown)
     args = parser.parse_args()
     engine = LLMEngine(EngineConfig(
         cache=CacheConfig(num_blocks_per_instance=-(-(args.long + 2000) // 16)),

@@ -119,6 +119,10 @@ class SchedulerConfig:
     # runs alone; chunks are sized to fit (control/pacer.py).
     prefill_slowdown: float = 2.0
     lone_prefill_slowdown: float = 4.0
+    # A request larger than one instance is admitted only while every instance holding part of
+    # it keeps this share of its KV pool free for the requests that fit one instance (else they
+    # would soon reclaim its blocks and its computed prompt would be lost).
+    headroom_fraction: float = 0.25
     max_waiting: int = 1024  # bounded waiting queue (the server answers 429 past this)
 
 

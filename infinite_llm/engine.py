@@ -113,6 +113,8 @@ class LLMEngine:
             raise ValueError(f"num_instances must be >= 1, got {cluster.num_instances}")
         if cluster.placement not in PLACEMENT_POLICIES:
             raise ValueError(f"unknown placement policy {cluster.placement!r}; expected one of {PLACEMENT_POLICIES}")
+        if not 0.0 <= config.scheduler.headroom_fraction < 1.0:
+            raise ValueError(f"headroom_fraction must be in [0, 1), got {config.scheduler.headroom_fraction}")
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
         self.cluster = self._start_cluster()
         self.router = Router(self.cluster.router_endpoint, cluster.num_instances, cache.block_size)

@@ -31,6 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "while others decode or wait (chunks are sized from measured step times)")
     g.add_argument("--lone-prefill-slowdown", type=float, default=SchedulerConfig.lone_prefill_slowdown,
                    help="the same bound while the prompt runs alone (bounds a newcomer's first-token delay)")
+    g.add_argument("--headroom-fraction", type=float, default=SchedulerConfig.headroom_fraction,
+                   help="a request larger than one instance is admitted only while every instance holding part of it keeps this share of its KV pool free for the requests that fit one instance (infinite)")
     g.add_argument("--max-waiting", type=int, default=1024, help="waiting-queue bound (HTTP 429 past it)")
     g.add_argument("--rebalance-interval-s", type=float, default=0.5,
                    help="the gManager plans KV migrations this often (infinite policy)")
@@ -76,6 +78,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             long_prefill_token_threshold=args.long_prefill_token_threshold,
             prefill_slowdown=args.prefill_slowdown,
             lone_prefill_slowdown=args.lone_prefill_slowdown,
+            headroom_fraction=args.headroom_fraction,
             max_waiting=args.max_waiting,
         ),
         seed=args.seed,

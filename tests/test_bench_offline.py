@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from infinite_llm.bench.attainable import attainable_bound
 from infinite_llm.bench.offline import (
     POLICIES,
     PhaseRuns,
@@ -95,6 +96,25 @@ def test_static_rejects_the_long_request_that_infinite_serves(tiny_comparison):
     for served in (infinite, striped):
         assert max(sum(s.blocks_used) for s in served.timeline) >= blocks_for_long
         assert max(served.mem_util_max) <= 1.0
+
+
+def test_the_attainable_bound_comes_from_the_request_only_infinite_served(tiny_comparison):
+    outcome = tiny_comparison[0]
+    bound = outcome["attainable"]
+    assert bound.policy == "infinite" and bound.request_id == "long-0"
+    assert bound.solo_s > 0 and bound.floor_s == pytest.approx(bound.arrival_s + bound.solo_s)
+    assert bound.generated_tokens == outcome["results"]["infinite"].generated_tokens
+    assert "no schedule could make infinite/static" in format_report(outcome)
+    payload = json.loads(outcome["json_path"].read_text())
+    assert payload["attainable"]["request_id"] == "long-0"
+
+
+def test_attainable_bound_is_set_by_the_latest_solo_finish_or_the_last_arrival():
+    trace = [TraceRequest("a", 0.0, 10, 2), TraceRequest("b", 1.0, 10, 2), TraceRequest("c", 3.0, 10, 2)]
+    bound = attainable_bound("infinite", ["a", "b", "c"], 60, trace, {"a": 2.5, "b": 2.5})
+    assert (bound.request_id, bound.floor_s, bound.generated_tokens_per_s) == ("b", 3.5, 60 / 3.5)
+    bound = attainable_bound("infinite", ["a", "c"], 40, trace, {"a": 2.5, "b": 9.0})  # b not served
+    assert (bound.request_id, bound.floor_s, bound.solo_s) == ("c", 3.0, 0.0)
 
 
 def test_equal_work_replays_only_the_requests_every_policy_served(tiny_comparison):

@@ -288,14 +288,16 @@ def test_rebalancer_moves_blocks_only_when_memory_bound(llama_checkpoint, engine
     request moved to a peer (outputs stay exact with those copies in flight); a cluster where
     everything fits moves nothing."""
     long, *short = prompts(11, [80, 30, 30, 30])
-    llm = engines(llama_checkpoint, instances=2, blocks=12, rebalance_interval_s=0.05,
+    llm = engines(llama_checkpoint, instances=2, blocks=12, rebalance_interval_s=0.05, heartbeat_interval_s=0.02,
                   debug_step_delay_s={0: 0.01})  # the long request lasts several plans
     engine = llm.engine
     engine.add_request("long", long, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), home=0)
+    outputs: list = []
+    _wait_first_token(engine, "long", outputs)  # the shorts then wait for memory, not for its prompt
     short_params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     for i, prompt in enumerate(short):
         engine.add_request(f"s{i}", prompt, short_params, home=0)
-    final = {}
+    final = {o.request_id: o for o in outputs if o.finished}
     while engine.has_unfinished_requests():
         final.update({o.request_id: o for o in engine.step() if o.finished})
     assert final["long"].output_token_ids == hf_greedy(llama_checkpoint, long, 40)

@@ -20,6 +20,8 @@ Three views of throughput, because a policy that serves more requests also does 
   does the very same work.
 Runs are repeated (`--repeats`), the policy order alternating between repeats, and medians are
 reported with the per-repeat spread: a single run on a shared machine is too noisy to decide.
+Beside the full-trace ratio, the most any schedule could reach: the requests only infinite served
+are timed alone, and a replay cannot end before one of them arrives and runs (bench/attainable.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from infinite_llm.bench.attainable import AttainableBound, attainable_bound, solo_service_times
 from infinite_llm.bench.cli_common import build_workload_trace, comma_separated_subset, write_json
 from infinite_llm.bench.profile import set_cpu_threads, torch_threads
 from infinite_llm.bench.workloads import TraceRequest, WorkloadSpec, make_trace, paper_workloads
@@ -477,17 +480,35 @@ def compare_policies(
         phases["equal_work"] = run_interleaved(engine_config, subset, policies, seed, repeats, "equal ", show_progress)
     ratios = policy_ratios(phases, common)
     results = {p: phases["full"].median_run(p) for p in policies}
+    bound = _infinite_bound(engine_config, phases["full"], common, seed)
     outcome: dict[str, Any] = {"phases": phases, "results": results, "common": common, "ratios": ratios,
-                               "json_path": None, "plot_path": None}
+                               "attainable": bound, "json_path": None, "plot_path": None}
     if output_dir is not None:
         outcome["json_path"], outcome["plot_path"] = _write_outputs(
-            Path(output_dir), name, engine_config, seed, repeats, phases, common, ratios, metadata)
+            Path(output_dir), name, engine_config, seed, repeats, phases, common, ratios, metadata, bound)
     return outcome
+
+
+def _infinite_bound(engine_config: EngineConfig, full: PhaseRuns, common: Sequence[str],
+                    seed: int) -> Optional[AttainableBound]:
+    """The floor of infinite's full-trace replay (see bench/attainable.py), when it served
+    requests that another policy rejected; None otherwise."""
+    if "infinite" not in full.runs or len(full.runs) < 2:
+        return None
+    run = full.median_run("infinite")
+    extra = [r for r in full.trace if r.request_id in run.output_lens and r.request_id not in set(common)]
+    if not extra:
+        return None
+    config = copy.deepcopy(engine_config)
+    config.cluster.placement = "infinite"
+    solo = solo_service_times(config, extra, lambda r, vocab: prompt_token_ids(r, seed, vocab))
+    return attainable_bound("infinite", list(run.output_lens), run.generated_tokens, full.trace, solo)
 
 
 def _write_outputs(out: Path, name: str, engine_config: EngineConfig, seed: int, repeats: int,
                    phases: dict[str, PhaseRuns], common: list[str], ratios: dict[str, Any],
-                   metadata: Optional[dict[str, Any]]) -> tuple[Path, Path]:
+                   metadata: Optional[dict[str, Any]],
+                   bound: Optional[AttainableBound] = None) -> tuple[Path, Path]:
     from infinite_llm.bench.plots import plot_policies
 
     full = phases["full"]
@@ -504,6 +525,7 @@ def _write_outputs(out: Path, name: str, engine_config: EngineConfig, seed: int,
         "results": {phase: {p: [r.summary() for r in runs] for p, runs in pr.runs.items()}
                     for phase, pr in phases.items()},
         "ratios": ratios,
+        "attainable": asdict(bound) if bound is not None else None,
         "timelines": {p: [asdict(s) for s in full.median_run(p).timeline] for p in full.runs},
     }
     json_path = write_json(out / f"{name}.json", payload)  # creates `out`, before the plot goes there
@@ -555,6 +577,15 @@ def format_report(outcome: dict[str, Any]) -> str:
             fmt = lambda v: f"{v:.2f}x" if v is not None else "n/a"  # noqa: E731
             per = f" (per repeat {spread[0]:.2f}-{spread[1]:.2f}x)" if spread else ""
             lines.append(f"{PHASE_TITLES[phase]}: {key} generated tok/s {fmt(gen)}{per}, total tok/s {fmt(total)}")
+    bound = outcome.get("attainable")
+    if bound is not None and "static" in phases["full"].runs:
+        static = statistics.median(r.generated_tokens_per_s for r in phases["full"].runs["static"])
+        lines.append(
+            f"full trace: no schedule could make infinite/static generated tok/s more than "
+            f"{bound.generated_tokens_per_s / static:.2f}x on this machine: {bound.request_id} arrives at "
+            f"{bound.arrival_s:.2f} s and takes {bound.solo_s:.2f} s alone on the idle cluster, so the replay "
+            f"lasts >= {bound.floor_s:.2f} s"
+        )
     return "\n".join(lines)
 
 

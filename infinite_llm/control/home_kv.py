@@ -5,7 +5,9 @@ only when it is full are blocks borrowed from the creditors the gManager names (
 One exception: a request larger than one instance (it can only ever run on lent memory) has what
 it borrows spread level over the home and the creditors (`water_fill`), because attention over
 it waits for its biggest holder, and a home filled by it would have no room left for the short
-requests homed there.
+requests homed there. Such a request is also admitted only when every holder keeps a share of its
+pool free (`headroom_fraction`): admitted into the last free blocks, it would soon be asked to
+give them back to a short request (`ReclaimBlocks`) and lose the prompt it had computed.
 `static` never borrows; `striped` puts block j of a request on the j-th live member after the
 home (ids in order, wrapping).
 Everything that crosses instances goes through a `PeerLink` (borrow -> grant/refuse, release,
@@ -94,9 +96,12 @@ def water_fill(need: int, room: list[int]) -> Optional[list[int]]:
 
 class HomeKV:
     def __init__(self, rmanager: RManager, block_size: int, placement: str, num_instances: int,
-                 peers: Optional[PeerLink], lock: Optional[ContextManager] = None) -> None:
+                 peers: Optional[PeerLink], lock: Optional[ContextManager] = None,
+                 headroom_fraction: float = 0.0) -> None:
         if placement not in PLACEMENT_POLICIES:
             raise ValueError(f"unknown placement policy {placement!r}; expected one of {PLACEMENT_POLICIES}")
+        if not 0.0 <= headroom_fraction < 1.0:
+            raise ValueError(f"headroom_fraction must be in [0, 1), got {headroom_fraction}")
         if num_instances > 1 and placement != "static" and peers is None:
             raise ValueError("a home that may borrow needs a PeerLink")
         self.rm = rmanager
@@ -106,6 +111,8 @@ class HomeKV:
         self.members: list[int] = list(range(num_instances))  # live instances, ids in order
         self.peers = peers
         self.lock = lock if lock is not None else contextlib.nullcontext()
+        # Blocks every holder keeps free when a request larger than one instance is admitted.
+        self.headroom_blocks = math.floor(headroom_fraction * rmanager.pool.num_blocks)
         self._tables: dict[str, list[BlockRef]] = {}
         self._reserved: dict[str, list[BlockRef]] = {}
         self._counts: dict[str, Counter[int]] = {}  # request -> instance -> blocks in its table
@@ -224,7 +231,10 @@ class HomeKV:
         creditor may refuse (the gManager's view lags): its share falls to the home's leftover
         room, then to what the others said they could lend beyond their share; if still short,
         all goes back."""
-        shares = water_fill(need, [free] + [n for _, n in creditors])
+        room = [free] + [n for _, n in creditors]
+        if start == 0:  # admission (or recompute): leave every holder its headroom
+            room = self._room_past_headroom(need, room)
+        shares = water_fill(need, room) if room is not None else None
         if shares is None:
             return None
         with self.lock:
@@ -244,6 +254,21 @@ class HomeKV:
             self._give_back(request_id, refs)
             return None
         return refs
+
+    def _room_past_headroom(self, need: int, room: list[int]) -> Optional[list[int]]:
+        """The room each holder gives a request larger than one instance at its admission:
+        what it has beyond its headroom. None (wait) if that is short now but would not be on an
+        empty cluster; a request too large ever to leave every holder its headroom gets the
+        whole room (else it could never start)."""
+        spare = [max(0, r - self.headroom_blocks) for r in room]
+        if need <= sum(spare):
+            return spare
+        # Empty, the home has its pool and each peer its lend cap (every instance has our config).
+        pool = self.rm.pool.num_blocks
+        empty = [pool] + [min(self.rm.lend_cap, pool)] * (self.num_instances - 1)
+        if need <= sum(max(0, r - self.headroom_blocks) for r in empty):
+            return None
+        return room
 
     def _borrow_into(self, refs: list[BlockRef], creditor: int, request_id: str, n: int, start: int,
                      yields: bool) -> bool:

@@ -12,7 +12,9 @@ Every step the scheduler spends a token budget (`max_num_batched_tokens`):
    blocks freed, its KV recomputed later) until the older one fits. Older requests therefore
    always make progress: no livelock.
 2. Then waiting requests in FIFO order, each given the KV blocks of its whole prompt and a first
-   prefill chunk, until the budget, `max_num_seqs` or the KV memory runs out.
+   prefill chunk, until the budget, `max_num_seqs` or the KV memory runs out. A step that admits
+   newcomers leaves out the chunks of prompts already running (not two steps in a row), so a
+   newcomer's first token waits for its own prefill, not for a slice of someone's long prompt.
 
 Each instance has its own scheduler over the requests homed on it (the router picked the home):
 its own budget, batch and preemption; nothing is shared with other instances' schedulers. The
@@ -78,6 +80,7 @@ class Scheduler:
         # (borrower, request) pairs to ask for lent blocks back; the engine sends them.
         self.reclaims: list[tuple[int, str]] = []
         self._reclaiming: set[str] = set()
+        self._held_back_last_step = False  # see _hold_back_older_chunks
 
     # ----------------------------------------------------------------- admission
     def max_context(self) -> int:
@@ -228,7 +231,9 @@ class Scheduler:
         # 2. waiting requests (no admission while anything was preempted this step: memory is
         #    short, and the preempted request is first in line anyway).
         if not preempted:
+            num_running = len(scheduled)
             self._admit_waiting(budget, chunk_cap, scheduled)
+            self._hold_back_older_chunks(scheduled, num_running)
 
         out = SchedulerOutput(scheduled=[r for r, _ in scheduled], preempted=preempted)
         for request, num_new in scheduled:
@@ -250,6 +255,19 @@ class Scheduler:
                 )
             )
         return out
+
+    def _hold_back_older_chunks(self, scheduled: list[tuple[Request, int]], num_running: int) -> None:
+        """A step that admits new requests carries no chunk of a prompt already running: the
+        newcomers' first token then waits for their own prefill only. Never two steps in a row,
+        so a stream of arrivals slows a running prompt at most twofold."""
+        admitted = len(scheduled) > num_running
+        older = [i for i in range(num_running) if not self._is_decoding(scheduled[i][0])]
+        if admitted and older and not self._held_back_last_step:
+            for i in reversed(older):
+                del scheduled[i]
+            self._held_back_last_step = True
+        else:
+            self._held_back_last_step = False
 
     # How far down the waiting queue admission looks past requests larger than an instance.
     ADMISSION_LOOKAHEAD = 64

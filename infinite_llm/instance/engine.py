@@ -74,7 +74,8 @@ class InstanceEngine:
         # Instances ever in the cluster (ids are never reused); `dead` holds those gone since.
         self.members: set[int] = set(members if members is not None else range(cluster.num_instances))
         self.dead: set[int] = set()
-        self.kv = HomeKV(self.rm, cache_cfg.block_size, cluster.placement, cluster.num_instances, self, self.lock)
+        self.kv = HomeKV(self.rm, cache_cfg.block_size, cluster.placement, cluster.num_instances, self, self.lock,
+                         config.scheduler.headroom_fraction)
         self.kv.set_members(sorted(self.members))
         self.max_position = model_config.max_position_embeddings
         self.scheduler = Scheduler(config.scheduler, self.kv, self._capacity())

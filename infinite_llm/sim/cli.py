@@ -76,6 +76,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "decode-only step while others decode or wait (control/pacer.py)")
     s.add_argument("--lone-prefill-slowdown", type=float, default=SchedulerConfig.lone_prefill_slowdown,
                    help="as the engine's: the same when the prompt runs alone")
+    s.add_argument("--headroom-fraction", type=float, default=SchedulerConfig.headroom_fraction,
+                   help="as the engine's: the share of its pool every holder of a request larger than "
+                        "one instance keeps free when that request is admitted")
     s.add_argument("--migration-tokens-per-step", type=int, default=1024,
                    help="KV a home copies per step at most while migrating")
     s.add_argument("--heartbeat-interval-s", type=float, default=0.1)
@@ -124,6 +127,7 @@ def scheduler_config(args: argparse.Namespace, num_requests: int) -> SchedulerCo
         max_num_seqs=args.max_seqs_per_instance, max_num_batched_tokens=args.max_batched_tokens_per_instance,
         long_prefill_token_threshold=args.max_batched_tokens_per_instance, max_waiting=max(1024, num_requests),
         prefill_slowdown=args.prefill_slowdown, lone_prefill_slowdown=args.lone_prefill_slowdown,
+        headroom_fraction=args.headroom_fraction,
     )
 
 
@@ -203,7 +207,7 @@ def _describe(spec: SimClusterSpec, args: argparse.Namespace, trace: Sequence[Tr
         f"workload {args.workload}: {len(trace)} requests at {args.request_rate} req/s (seed {args.seed}), "
         f"prompts {min(prompts):,}-{max(prompts):,} tokens; {len(common)} fit one instance; each instance: "
         f"{sched.max_num_seqs} seqs, {sched.max_num_batched_tokens} tokens per step, prefill slowdown "
-        f"{sched.prefill_slowdown}/{sched.lone_prefill_slowdown}; heartbeats every "
+        f"{sched.prefill_slowdown}/{sched.lone_prefill_slowdown}, headroom {sched.headroom_fraction}; heartbeats every "
         f"{args.heartbeat_interval_s} s, rebalancing every {args.rebalance_interval_s} s"
     )
 

@@ -85,7 +85,8 @@ class SimInstance:
         self.lend_cap = lend_cap_for(spec.placement, spec.num_blocks, spec.lend_fraction)
         self.rm = RManager(rank, spec.num_blocks, self.lend_cap)
         self.link = HomeLink(rank, world)
-        self.kv = MemoHomeKV(self.rm, spec.block_size, spec.placement, spec.num_instances, self.link, pool_state, room)
+        self.kv = MemoHomeKV(self.rm, spec.block_size, spec.placement, spec.num_instances, self.link, pool_state, room,
+                             headroom_fraction=spec.scheduler.headroom_fraction)
         capacity = self.kv.max_tokens_per_request(spec.num_blocks, self.lend_cap)
         self.scheduler = Scheduler(spec.scheduler, self.kv, min(capacity, max_context or capacity))
         self.migrations = HomeMigrations(self.kv, spec.migration_tokens_per_step, self.link)

@@ -25,8 +25,8 @@ from infinite_llm.sim.links import HomeLink
 class MemoHomeKV(HomeKV):
     def __init__(self, rmanager: RManager, block_size: int, placement: str, num_instances: int,
                  link: HomeLink, state: Callable[[], tuple], room: Callable[[int], int],
-                 lock: Optional[ContextManager] = None) -> None:
-        super().__init__(rmanager, block_size, placement, num_instances, link, lock)
+                 lock: Optional[ContextManager] = None, headroom_fraction: float = 0.0) -> None:
+        super().__init__(rmanager, block_size, placement, num_instances, link, lock, headroom_fraction)
         self.link = link
         self._state = state  # the cluster state an allocation's outcome depends on
         self._room = room  # home -> its free blocks plus what all others could lend it

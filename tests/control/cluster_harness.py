@@ -106,13 +106,15 @@ class Network:
 class Node:
     """One instance's control state, its message pump and its PeerLink / CopyLink."""
 
-    def __init__(self, cluster: "Cluster", instance: int, num_blocks: int, lend_cap: int) -> None:
+    def __init__(self, cluster: "Cluster", instance: int, num_blocks: int, lend_cap: int,
+                 headroom_fraction: float = 0.0) -> None:
         self.cluster = cluster
         self.id = instance
         self.net = cluster.net
         self.rm = RManager(instance, num_blocks, lend_cap)
         self.kv = HomeKV(self.rm, cluster.block_size, cluster.placement, cluster.num_instances,
-                         self if cluster.num_instances > 1 or cluster.placement != "static" else None)
+                         self if cluster.num_instances > 1 or cluster.placement != "static" else None,
+                         headroom_fraction=headroom_fraction)
         self.scheduler: Optional[Scheduler] = None
         self.migrations: Optional[HomeMigrations] = None
         self.data: dict[int, Any] = {}  # block id -> content label (what its KV "is")
@@ -254,7 +256,8 @@ class Cluster:
     def __init__(self, num_instances: int, num_blocks: int | list[int] = 8, block_size: int = 4,
                  placement: str = "infinite", lend_fraction: float = 1.0, seed: int = 0,
                  scheduler: Optional[SchedulerConfig] = None,
-                 migration_tokens_per_step: Optional[int] = None, max_context: Optional[int] = None) -> None:
+                 migration_tokens_per_step: Optional[int] = None, max_context: Optional[int] = None,
+                 headroom_fraction: float = 0.0) -> None:
         self.num_instances = num_instances
         self.block_size = block_size
         self.placement = placement
@@ -266,7 +269,8 @@ class Cluster:
         sizes = num_blocks if isinstance(num_blocks, list) else [num_blocks] * num_instances
         self.nodes: list[Node] = []
         for i in range(num_instances):
-            self.nodes.append(Node(self, i, sizes[i], lend_cap_for(placement, sizes[i], lend_fraction)))
+            self.nodes.append(Node(self, i, sizes[i], lend_cap_for(placement, sizes[i], lend_fraction),
+                                   headroom_fraction))
         for node in self.nodes:
             if scheduler is not None:
                 cap = node.kv.max_tokens_per_request(sizes[node.id], node.rm.lend_cap)

@@ -342,3 +342,32 @@ def test_more_than_the_home_and_one_creditor_hold_is_spread_level():
     assert c[0].kv.allocate("wide", 11 * BS)  # growth goes home first, as for any request
     assert c[0].kv.holders("wide")[0] == 4
     c.check()
+
+
+def test_a_request_larger_than_an_instance_is_admitted_only_past_every_holders_headroom():
+    c = Cluster(3, num_blocks=8, block_size=BS, headroom_fraction=0.25)  # 2 blocks of headroom each
+    assert c[0].kv.allocate("wide", 9 * BS)
+    assert c[0].kv.holders("wide") == {0: 3, 1: 3, 2: 3}
+    c.beat()
+    # 15 blocks are free, but 10 more would leave some holder under its 2 blocks: it waits.
+    assert not c[0].kv.allocate("second", 10 * BS)
+    assert [rm.num_free for rm in c.rms] == [5, 5, 5] and c[0].kv.block_table("second") == []
+    # Growth of an admitted request may use the headroom (it is not admission).
+    assert c[0].kv.allocate("wide", 13 * BS)
+    c[0].kv.free("wide")
+    c.drain()
+    c.beat()
+    assert c[0].kv.allocate("second", 10 * BS)
+    c.check()
+
+
+def test_a_request_too_large_to_leave_any_headroom_still_runs_on_an_empty_cluster():
+    c = Cluster(3, num_blocks=8, block_size=BS, headroom_fraction=0.25)
+    assert c[0].kv.allocate("huge", 20 * BS)  # more than the 18 blocks past everyone's headroom
+    assert sum(c[0].kv.holders("huge").values()) == 20
+    c.check()
+    # Peers lend at most their cap (6 of 8): past the headroom an empty cluster has 6 + 4 = 10.
+    capped = Cluster(2, num_blocks=8, block_size=BS, lend_fraction=0.75, headroom_fraction=0.25)
+    assert capped[0].kv.allocate("big", 11 * BS)
+    assert capped[0].kv.holders("big") == {0: 6, 1: 5}
+    capped.check()

@@ -93,6 +93,20 @@ def test_decodes_are_not_starved_behind_a_prefill_and_long_prefill_threshold():
     assert all(len(w.token_ids) == 1 for w in out.batch)
 
 
+def test_a_step_that_admits_newcomers_carries_no_chunk_of_an_older_prompt():
+    s = make(blocks=64, budget=16)[0].scheduler
+    s.add_request(req("long", 100, max_tokens=2))
+    run_step(s)  # the long prompt's first chunk: it is running now
+    s.add_request(req("a", 4, max_tokens=8))
+    out = run_step(s)
+    assert [w.request_id for w in out.batch] == ["a"]  # a's first token waits for its own prefill only
+    s.add_request(req("b", 4, max_tokens=8))
+    out = run_step(s)  # never twice in a row: the long prompt advances while b is admitted
+    assert {w.request_id for w in out.batch} == {"long", "a", "b"}
+    out = run_step(s)  # nothing admitted: as before
+    assert {w.request_id for w in out.batch} == {"long", "a", "b"}
+
+
 def test_recomputing_request_is_not_treated_as_decoding():
     c = make(budget=16)
     assert not Scheduler._is_decoding(req("fresh", 5))
