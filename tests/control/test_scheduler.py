@@ -18,10 +18,11 @@ from tests.control.cluster_harness import Cluster, make_request as req
 
 
 def make(num_instances=1, blocks=16, block_size=4, placement="infinite", budget=16, max_seqs=8, max_waiting=100,
-         threshold=None, seed=0):
+         threshold=None, seed=0, headroom=0.0, lend_fraction=1.0):
     config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=max_waiting,
-                             long_prefill_token_threshold=threshold)
-    return Cluster(num_instances, blocks, block_size, placement, seed=seed, scheduler=config)
+                             long_prefill_token_threshold=threshold, headroom_fraction=headroom)
+    return Cluster(num_instances, blocks, block_size, placement, lend_fraction=lend_fraction, seed=seed,
+                   scheduler=config, headroom_fraction=headroom)
 
 
 def run_step(s: Scheduler, token=7, now=0.0):
@@ -306,17 +307,22 @@ def test_each_instance_has_its_own_budget_and_batch():
 
 
 # --------------------------------------------------------------------------- random workloads
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     num_instances=st.integers(1, 3),
     placement=st.sampled_from(["static", "striped", "infinite"]),
-    shapes=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 30), st.integers(1, 6)), min_size=1, max_size=8),
+    # Prompts up to 60 tokens: some are larger than one instance's 40.
+    shapes=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 60), st.integers(1, 6)), min_size=1, max_size=8),
     seed=st.integers(0, 2**16),
+    headroom=st.sampled_from([0.0, 0.25, 0.5]),
+    lend_fraction=st.sampled_from([1.0, 0.7]),
 )
-def test_random_workloads_finish_without_leaks(num_instances, placement, shapes, seed):
+def test_random_workloads_finish_without_leaks(num_instances, placement, shapes, seed, headroom, lend_fraction):
     """Each instance's scheduler stepped in a random interleaving, with random aborts: tables
-    cover every chunk, the cluster invariants hold, nobody livelocks, nothing leaks."""
-    c = make(num_instances=num_instances, blocks=10, block_size=4, placement=placement, budget=12, seed=seed)
+    cover every chunk, the cluster invariants hold, nobody livelocks or waits forever (for
+    headroom either), nothing leaks."""
+    c = make(num_instances=num_instances, blocks=10, block_size=4, placement=placement, budget=12, seed=seed,
+             headroom=headroom, lend_fraction=lend_fraction)
     rng = random.Random(seed)
     accepted = []
     for i, (home, prompt_len, max_tokens) in enumerate(shapes):
