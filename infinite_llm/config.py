@@ -26,7 +26,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
-    attention_bias: bool = False  # Qwen2 has bias on q/k/v projections
+    attention_bias: bool = False  # bias on the q/k/v projections (Qwen2; Llama's attention_bias)
+    o_proj_bias: bool = False  # bias on the output projection (Llama's attention_bias; not Qwen2)
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     bos_token_id: Optional[int] = 1

@@ -7,10 +7,11 @@ hands requests to the router and turns the instances' token deltas into `Request
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from infinite_llm.cluster.router import Router
 from infinite_llm.config import EngineConfig
@@ -164,21 +165,12 @@ class LLMEngine:
     ) -> str:
         """Admit a request; `home` pins it to an instance (default: the router's choice)."""
         params = params or SamplingParams()
-        params.validate()
+        token_ids, capacity = self._checked(prompt, params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
-        token_ids = self._prompt_ids(prompt)
-        capacity = self.max_context()
-        wanted = len(token_ids) + (params.max_tokens or 1)
-        if wanted > capacity:
-            raise RequestTooLongError(
-                f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                f"{capacity} tokens of KV cache one request can use under the "
-                f"'{self.config.cluster.placement}' placement policy"
-            )
-        if len(self._awaiting_first_token) >= self.config.scheduler.max_waiting:
+        if not self.has_waiting_room():
             raise QueueFullError(
                 f"the waiting queue is full ({self.config.scheduler.max_waiting} requests); retry later"
             )
@@ -193,6 +185,30 @@ class LLMEngine:
         self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params))
         self._awaiting_first_token.add(request_id)
         return request_id
+
+    def check_request(self, prompt: Union[str, list[int]], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, if the request passes every admission check but queue room
+        (which changes as requests start): lets a batch fail before any of it is queued."""
+        return self._checked(prompt, params)[0]
+
+    def has_waiting_room(self) -> bool:
+        """Whether one more request fits in the waiting queue now (else add_request raises
+        QueueFullError)."""
+        return len(self._awaiting_first_token) < self.config.scheduler.max_waiting
+
+    def _checked(self, prompt: Union[str, list[int]], params: SamplingParams) -> tuple[list[int], int]:
+        """(token ids, the context one request may hold now), or the reason it cannot be admitted."""
+        params.validate()
+        token_ids = self._prompt_ids(prompt)
+        capacity = self.max_context()
+        wanted = len(token_ids) + (params.max_tokens or 1)
+        if wanted > capacity:
+            raise RequestTooLongError(
+                f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"{capacity} tokens of KV cache one request can use under the "
+                f"'{self.config.cluster.placement}' placement policy"
+            )
+        return token_ids, capacity
 
     def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
         if isinstance(prompt, str):
@@ -408,30 +424,68 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
+        """One finished output per prompt, in the prompts' order.
+
+        Every prompt is checked before any is queued, so an invalid one fails the call with
+        nothing left behind. Prompts are then fed in waves as the waiting queue has room (any
+        number of prompts, whatever `max_waiting`). If the call fails midway (an instance error,
+        KeyboardInterrupt), what it queued is aborted and the LLM stays usable.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError("sampling_params must be one object or one per prompt")
-        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params_list)]
-        final: dict[str, RequestOutput] = {}
+        params_list = _params_per_prompt(sampling_params, len(prompts))
+        checked = [self.engine.check_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids: list[str] = []
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(ids), desc="generate", unit="req")
-        while self.engine.has_unfinished_requests():
+            progress = tqdm(total=len(checked), desc="generate", unit="req")
+        try:
+            final = self._run_in_waves(list(zip(checked, params_list)), ids, progress)
+        except BaseException:
+            self._abort(ids)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        return [final[i] for i in ids]
+
+    def _run_in_waves(self, work: list[tuple[list[int], SamplingParams]], ids: list[str],
+                      progress: Optional[Any]) -> dict[str, RequestOutput]:
+        """Admit `work` as queue room frees up, appending each request id to `ids` as it is queued
+        (the caller aborts those if this raises); returns the final outputs by request id."""
+        pending = collections.deque(work)
+        queued: set[str] = set()  # the engine may also serve requests added by someone else
+        final: dict[str, RequestOutput] = {}
+        while pending or len(final) < len(ids):
+            while pending and self.engine.has_waiting_room():
+                token_ids, params = pending.popleft()
+                ids.append(self.engine.add_request(None, token_ids, params))
+                queued.add(ids[-1])
             for out in self.engine.step(timeout_s=0.05):
-                if out.finished:
+                if out.finished and out.request_id in queued:
                     final[out.request_id] = out
                     if progress is not None:
                         progress.update(1)
-        if progress is not None:
-            progress.close()
-        return [final[i] for i in ids]
+        return final
+
+    def _abort(self, ids: list[str]) -> None:
+        """Abort the given requests and take their final outputs (the step hands out every
+        pending output, and forgets each finished request), so none stays in the engine."""
+        for request_id in ids:
+            self.engine.abort_request(request_id)
+        self.engine.step(timeout_s=0.0)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def _params_per_prompt(sampling_params: Union[SamplingParams, Sequence[SamplingParams], None],
+                       num_prompts: int) -> list[SamplingParams]:
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or SamplingParams()] * num_prompts
+    params_list = list(sampling_params)
+    if len(params_list) != num_prompts:
+        raise ValueError("sampling_params must be one object or one per prompt")
+    return params_list

@@ -1,8 +1,9 @@
 """Tokenizers without downloads: the built-in byte-level BPE and a wrapper for checkpoint folders.
 
 `build_default_tokenizer()` makes the default model's tokenizer: 4 special tokens, the 256
-byte tokens of byte-level BPE (so any text round-trips), and merges learned deterministically
-from a small built-in English text so common words are single tokens. 4 + 256 + 252 = 512
+byte tokens of byte-level BPE (so any text round-trips), and merges that the tokenizers library's
+`BpeTrainer` learns (deterministically) from a small built-in English text, so common words are
+single tokens. 4 + 256 + 252 = 512
 entries, the default model's vocab_size.
 
 `Tokenizer` wraps any HF `tokenizer.json` folder the way `AutoTokenizer` reads it (BOS from the
@@ -13,13 +14,12 @@ EOS ids from generation_config.json / config.json), using only the `tokenizers` 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from infinite_llm.detokenizer import TokenStreamDecoder
@@ -68,35 +68,22 @@ more work than we can do, new requests wait in a queue until there is room for t
 """
 
 
-def _learn_merges(words: Counter[str], alphabet: set[str], num_merges: int) -> list[tuple[str, str]]:
-    """Classic BPE training, deterministic: most frequent pair first, ties broken by the pair itself."""
-    split = {word: list(word) for word in words}
-    for word in split.values():
-        for symbol in word:
-            if symbol not in alphabet:
-                raise ValueError(f"pre-tokenized symbol {symbol!r} is not a byte-level character")
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, symbols in split.items():
-            for a, b in zip(symbols, symbols[1:]):
-                pairs[(a, b)] += words[word]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        joined = best[0] + best[1]
-        for word, symbols in split.items():
-            i, out = 0, []
-            while i < len(symbols):
-                if i + 1 < len(symbols) and symbols[i] == best[0] and symbols[i + 1] == best[1]:
-                    out.append(joined)
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            split[word] = out
-    return merges
+def _learn_merges(pre: pre_tokenizers.PreTokenizer, num_merges: int) -> list[tuple[str, str]]:
+    """`num_merges` BPE merges learned from `_MERGE_CORPUS` by the tokenizers library's trainer
+    (deterministic: the most frequent pair first, ties broken by the pair)."""
+    scratch = HFTokenizer(models.BPE())
+    scratch.pre_tokenizer = pre
+    # The trainer's vocab_size counts the special tokens and the whole byte alphabet too.
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(DEFAULT_SPECIAL_TOKENS) + 256 + num_merges,
+        special_tokens=list(DEFAULT_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    scratch.train_from_iterator([_MERGE_CORPUS], trainer)
+    merges = json.loads(scratch.to_str())["model"]["merges"]
+    # tokenizers before 0.20 writes a merge as "a b", later versions as ["a", "b"].
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
 
 
 def byte_level_symbols() -> list[str]:
@@ -120,14 +107,14 @@ def build_default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> HFTokenizer
         raise ValueError(f"vocab_size must be at least {base} (special tokens + 256 bytes), got {vocab_size}")
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     byte_symbols = byte_level_symbols()
-    alphabet = set(byte_symbols)
-    if alphabet != set(pre_tokenizers.ByteLevel.alphabet()):
+    if set(byte_symbols) != set(pre_tokenizers.ByteLevel.alphabet()):
         raise RuntimeError("byte-level alphabet of the tokenizers library differs from GPT-2's")
+    # Our own ids rather than the trainer's (which orders the alphabet by character): byte b gets
+    # id len(DEFAULT_SPECIAL_TOKENS) + b, and merged tokens follow in merge order.
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(DEFAULT_SPECIAL_TOKENS)}
-    for symbol in byte_symbols:  # byte b gets id len(DEFAULT_SPECIAL_TOKENS) + b
+    for symbol in byte_symbols:
         vocab[symbol] = len(vocab)
-    words = Counter(piece for piece, _ in pre.pre_tokenize_str(_MERGE_CORPUS))
-    merges = _learn_merges(words, alphabet, vocab_size - base)
+    merges = _learn_merges(pre, vocab_size - base)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))

@@ -11,13 +11,14 @@ from infinite_llm.engine import LLM
 
 
 def make_llm(path, *, instances=1, blocks=256, block_size=8, placement="infinite", batched_tokens=64,
-             max_num_seqs=16, backend="local", lend_fraction=0.9, **cluster) -> LLM:
+             max_num_seqs=16, backend="local", lend_fraction=0.9, max_waiting=1024, **cluster) -> LLM:
     cluster.setdefault("rebalance_interval_s", 3600.0)  # tests inject migrations explicitly
     config = EngineConfig(
         model=str(path),
         cache=CacheConfig(block_size=block_size, num_blocks_per_instance=blocks, lend_fraction=lend_fraction),
         cluster=ClusterConfig(num_instances=instances, placement=placement, backend=backend, **cluster),
-        scheduler=SchedulerConfig(max_num_batched_tokens=batched_tokens, max_num_seqs=max_num_seqs),
+        scheduler=SchedulerConfig(max_num_batched_tokens=batched_tokens, max_num_seqs=max_num_seqs,
+                                  max_waiting=max_waiting),
     )
     return LLM(model=str(path), config=config)
 

@@ -60,6 +60,21 @@ def test_config_fields_from_transformers5_checkpoint(tmp_path):
     assert mistral.head_dim == 32 and mistral.model_type == "mistral"
 
 
+def test_attention_biases_follow_each_architecture(tmp_path, llama_dir):
+    """Llama's attention_bias covers q/k/v and o_proj; Qwen2 always has q/k/v biases and never an
+    o_proj one; Mistral has none."""
+    biased = load_model_config(write_tiny_checkpoint(tmp_path / "lb", "llama", seed=1, attention_bias=True))
+    assert (biased.attention_bias, biased.o_proj_bias) == (True, True)
+    plain = load_model_config(llama_dir)
+    assert (plain.attention_bias, plain.o_proj_bias) == (False, False)
+    qwen = load_model_config(write_tiny_checkpoint(tmp_path / "q", "qwen2", seed=1))
+    assert (qwen.attention_bias, qwen.o_proj_bias) == (True, False)
+    mistral = write_tiny_checkpoint(tmp_path / "m", "mistral", seed=1)
+    _edit_config(mistral, attention_bias=True)  # MistralAttention ignores it
+    mistral_config = load_model_config(mistral)
+    assert (mistral_config.attention_bias, mistral_config.o_proj_bias) == (False, False)
+
+
 def test_legacy_transformers4_rope_keys(tmp_path, llama_dir):
     folder = _copy(llama_dir, tmp_path / "legacy")
     _edit_config(folder, rope_parameters=None, rope_theta=250000.0,

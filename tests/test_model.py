@@ -30,6 +30,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "llama3_scaled": write_tiny_checkpoint(root / "llama3", "llama3_scaled", seed=3),
         "mistral": write_tiny_checkpoint(root / "mistral", "mistral", seed=4),
         "tied": write_tiny_checkpoint(root / "tied", "llama", seed=5, tie_word_embeddings=True),
+        # Llama's attention_bias puts a bias on o_proj as well as on q/k/v (Qwen2: q/k/v only).
+        "llama_bias": write_tiny_checkpoint(root / "llama_bias", "llama", seed=6, attention_bias=True),
     }
 
 
@@ -57,7 +59,7 @@ def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
     return hf(torch.tensor([ids])).logits[0].float()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3_scaled", "mistral", "tied"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3_scaled", "mistral", "tied", "llama_bias"])
 def test_forward_matches_hf_float32(checkpoints, arch):
     path = checkpoints[arch]
     _, ours = load_model(str(path))
@@ -122,7 +124,7 @@ def _our_greedy(model: LlamaForCausalLM, prompt: list[int], n: int) -> list[int]
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama_bias"])
 def test_greedy_loop_equals_hf_generate(checkpoints, arch):
     path = checkpoints[arch]
     _, model = load_model(str(path))

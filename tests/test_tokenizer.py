@@ -60,6 +60,24 @@ def test_default_tokenizer_is_deterministic_and_fits_vocab():
     assert a.id_to_token(4 + ord("a")) == "a"  # byte b has id 4 + b
 
 
+def test_default_tokenizer_splits_text_as_the_bpe_trainer_learned():
+    """Its merges are those tokenizers' BpeTrainer learns from the built-in corpus (the ids are
+    ours: byte b is 4 + b), so it splits any text into the same tokens as the trained model."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from infinite_llm.tokenizer import _MERGE_CORPUS, DEFAULT_SPECIAL_TOKENS
+
+    trained = HFTokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trained.train_from_iterator([_MERGE_CORPUS], trainers.BpeTrainer(
+        vocab_size=DEFAULT_VOCAB_SIZE, special_tokens=list(DEFAULT_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    ours = build_default_tokenizer()
+    for text in [_MERGE_CORPUS, *SAMPLES]:
+        assert ours.encode(text, add_special_tokens=False).tokens == trained.encode(text).tokens
+
+
 def test_common_words_are_single_tokens(tok):
     for word in (" the", " of", " and", " is", "The"):
         assert len(tok.encode(word, add_special_tokens=False)) == 1, word

@@ -19,12 +19,12 @@ import dataclasses
 import json
 import math
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import httpx
+import numpy as np
 
 from infinite_llm.bench.workloads import TraceRequest, WorkloadSpec, make_trace, paper_workloads
 
@@ -233,25 +233,14 @@ async def run_benchmark(config: ServeBenchConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ statistics
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of already sorted values."""
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def _latency_stats(name: str, seconds: Sequence[float]) -> dict[str, Optional[float]]:
-    """mean/median/p90/p99 in milliseconds; None when there is no sample (JSON has no NaN)."""
-    values = sorted(s * 1000.0 for s in seconds)
-    out: dict[str, Optional[float]] = {f"mean_{name}_ms": statistics.fmean(values) if values else None}
-    out[f"median_{name}_ms"] = _percentile(values, 50) if values else None
-    for q in PERCENTILES:
-        if q != 50:
-            out[f"p{q}_{name}_ms"] = _percentile(values, q) if values else None
-    return out
+    """mean/median/p90/p99 in milliseconds (percentiles linearly interpolated, numpy's default);
+    None when there is no sample (JSON has no NaN)."""
+    keys = [f"mean_{name}_ms"] + [f"median_{name}_ms" if q == 50 else f"p{q}_{name}_ms" for q in PERCENTILES]
+    if not seconds:
+        return dict.fromkeys(keys)
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    return dict(zip(keys, [float(ms.mean()), *(float(v) for v in np.percentile(ms, PERCENTILES))]))
 
 
 def _meets_slo(result: RequestResult, slo_ms: dict[str, float]) -> bool:

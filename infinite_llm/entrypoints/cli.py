@@ -10,11 +10,22 @@ from typing import Optional, Sequence
 from infinite_llm.engine_args import add_engine_args, engine_config_from_args
 
 
+# One line on stderr (stdout may be JSON): the built-in model exists to run without a download,
+# and a new user would otherwise take its output for a bug.
+RANDOM_WEIGHTS_NOTE = (
+    "note: the built-in 'default' model has random weights, so its output is noise; for real text pass "
+    "--model /path/to/checkpoint, a local Hugging Face Llama/Mistral/Qwen2 folder (config.json, "
+    "*.safetensors, tokenizer.json)"
+)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from infinite_llm.engine import LLM
     from infinite_llm.sampling import SamplingParams
 
     config = engine_config_from_args(args)
+    if config.model == "default":
+        print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
     llm = LLM(model=config.model, config=config)
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.sampling_seed,

@@ -6,15 +6,6 @@ import torch
 
 from infinite_llm.config import CacheConfig, ModelConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
-
 
 class PagedKVCache:
     """Per layer, K and V of shape [num_blocks, block_size, Hkv, D]."""

@@ -25,7 +25,8 @@ class ModelRunner:
         self.send = send
         self.mailbox = mailbox
         self.attention_timeout_s = attention_timeout_s
-        self.generator = torch.Generator().manual_seed(seed * 1000003 + rank)
+        # On the model's device: the sampler draws the noise of a whole batch there, in one call.
+        self.generator = torch.Generator(device=device).manual_seed(seed * 1000003 + rank)
 
     @torch.inference_mode()
     def execute(self, batch: list[SeqWork], step: int) -> list[SampleResult]:

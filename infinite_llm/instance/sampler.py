@@ -5,7 +5,9 @@ values at the API, but the sampler runs in the engine's step, where one request'
 would take the whole engine down. So NaN/inf logits are sanitized, temperatures below
 `GREEDY_TEMPERATURE` (or non-finite ones) decode greedily, probabilities are computed in float32
 from `logits - max` (never overflowing), and a row left with no positive mass falls back to argmax.
-Nothing non-finite ever reaches `torch.multinomial`.
+
+The sampled rows of a batch are drawn together (see `_sample_rows`): one noise draw and one
+argmax on the device. Only seeded rows get generators of their own, for reproducibility.
 """
 
 from __future__ import annotations
@@ -40,20 +42,27 @@ def _sanitize(logits: torch.Tensor) -> torch.Tensor:
     return logits - row_max
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
+    """Rows [N, V] with the tokens outside each row's top-k and top-p set to -inf."""
+    vocab = logits.shape[-1]
+    ks = [k if 0 < k < vocab else vocab for k in top_k]  # -1/0 (or past the vocab): no top-k
+    use_k, use_p = any(k < vocab for k in ks), any(p < 1.0 for p in top_p)  # NaN: no top-p
+    if not (use_k or use_p):
+        return logits  # skips the sort, the costly part, for plain temperature sampling
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    if use_k:
+        kth = sorted_logits.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if use_p:
         probs = torch.softmax(sorted_logits, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p. The most likely token is always kept,
-        # even for a top_p so small (or a row so degenerate) that the comparison says otherwise.
-        drop = torch.cumsum(probs, dim=-1) - probs >= top_p
-        drop[0] = False
+        # even for a top_p so small (or a row so degenerate) that the comparison says otherwise;
+        # rows with top_p = 1 keep every token (float rounding could otherwise drop the tail).
+        top_p_t = torch.tensor(top_p, dtype=probs.dtype, device=probs.device)[:, None]
+        drop = (torch.cumsum(probs, dim=-1) - probs >= top_p_t) & (top_p_t < 1.0)
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    return logits
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
 def _is_greedy(p: SamplingParams) -> bool:
@@ -62,16 +71,40 @@ def _is_greedy(p: SamplingParams) -> bool:
     return not math.isfinite(p.temperature) or p.greedy
 
 
-def _sample_row(shifted: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> Optional[int]:
-    """Draw one token from one sanitized row; None when no token has positive probability."""
+def _exponential_noise(params: Sequence[SamplingParams], num_generated: Sequence[int], vocab: int,
+                       generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Exponential(1) noise [N, V] for N sampled rows: one draw from `generator` for all the
+    unseeded rows; a seeded row's noise comes from its own (seed, step) generator on the CPU, so
+    its token depends neither on the batch nor on the device's random state."""
+    unseeded = [i for i, p in enumerate(params) if p.seed is None]
+    shared = torch.empty(len(unseeded), vocab, device=device).exponential_(generator=generator)
+    if len(unseeded) == len(params):
+        return shared
+    noise = torch.empty(len(params), vocab, device=device)
+    noise[unseeded] = shared
+    seeded = [i for i, p in enumerate(params) if p.seed is not None]
+    own = [torch.empty(vocab).exponential_(generator=_step_generator(params[i].seed, num_generated[i]))
+           for i in seeded]
+    noise[seeded] = torch.stack(own).to(device)
+    return noise
+
+
+def _sample_rows(shifted: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
+                 generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per sanitized row [N, V], drawn with the exponential race: with E_i ~ Exp(1)
+    independent, argmax_i(p_i / E_i) is token i with probability p_i. So a whole batch samples
+    with one noise draw and one argmax: no per-row multinomial and no per-row host sync.
+    A row with no positive mass gets -1."""
     # shifted <= 0 with a maximum of 0, so dividing by any temperature >= GREEDY_TEMPERATURE
     # gives values in [-inf, 0] and the softmax has at least one entry equal to exp(0) = 1.
-    scaled = shifted / max(float(p.temperature), GREEDY_TEMPERATURE)
-    scaled = _filter_top_k_top_p(scaled, p.top_k, p.top_p)
+    temps = torch.tensor([max(float(p.temperature), GREEDY_TEMPERATURE) for p in params], device=shifted.device)
+    scaled = _filter_top_k_top_p(shifted / temps[:, None], [p.top_k for p in params], [p.top_p for p in params])
     probs = torch.nan_to_num(torch.softmax(scaled, dim=-1), nan=0.0, posinf=0.0, neginf=0.0)
-    if not float(probs.sum()) > 0.0:
-        return None
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    noise = _exponential_noise(params, num_generated, shifted.shape[-1], generator, shifted.device)
+    # Exp(1) can draw exactly 0; the smallest normal float instead keeps p / E finite (and a
+    # zero-probability token at 0, so it can never win).
+    drawn = torch.argmax(probs / noise.clamp_min(torch.finfo(noise.dtype).tiny), dim=-1)
+    return torch.where(probs.sum(dim=-1) > 0.0, drawn, torch.full_like(drawn, -1))
 
 
 def sample_tokens(
@@ -82,23 +115,19 @@ def sample_tokens(
 ) -> tuple[list[int], list[float]]:
     """Sample one token per row of `logits` [N, V]. Returns (token ids, logprobs).
 
-    Logprobs are those of the sanitized, unscaled distribution; -inf for a token the model gave
-    no mass (only possible for a row with no finite logit, which falls back to argmax).
+    Unseeded rows draw their randomness from `default_generator` (which must be on the logits'
+    device; None: the device's global generator). Logprobs are those of the sanitized, unscaled
+    distribution; -inf for a token the model gave no mass (only possible for a row with no
+    finite logit, which falls back to argmax).
     """
     shifted = _sanitize(logits)
+    tokens = torch.argmax(shifted, dim=-1)  # greedy rows, and the fallback of a row with no mass
+    rows = [r for r, p in enumerate(params) if not _is_greedy(p)]
+    if rows:
+        index = torch.tensor(rows, device=shifted.device)
+        drawn = _sample_rows(shifted[index], [params[r] for r in rows], [num_generated[r] for r in rows],
+                             default_generator)
+        tokens[index] = torch.where(drawn >= 0, drawn, tokens[index])
     logprobs_all = torch.nan_to_num(torch.log_softmax(shifted, dim=-1), nan=float("-inf"))
-    greedy = torch.argmax(shifted, dim=-1).tolist()
-    tokens: list[int] = []
-    logprobs: list[float] = []
-    for row, p in enumerate(params):
-        token: Optional[int] = None
-        if not _is_greedy(p):
-            generator = (
-                _step_generator(p.seed, num_generated[row]) if p.seed is not None else default_generator
-            )
-            token = _sample_row(shifted[row].cpu(), p, generator)
-        if token is None:
-            token = int(greedy[row])
-        tokens.append(token)
-        logprobs.append(float(logprobs_all[row, token]))
-    return tokens, logprobs
+    logprobs = logprobs_all.gather(1, tokens[:, None])[:, 0]
+    return tokens.tolist(), logprobs.tolist()

@@ -21,7 +21,7 @@ from infinite_llm.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, build_defaul
 
 # Bump when anything below (shapes, seed, scales, tokenizer) changes: old caches stay valid for
 # whoever wrote them, and a new build goes to a new folder.
-DEFAULT_MODEL_VERSION = "v1"
+DEFAULT_MODEL_VERSION = "v2"  # v2: merges learned by tokenizers' BpeTrainer
 DEFAULT_MODEL_DIRNAME = f"default-model-{DEFAULT_MODEL_VERSION}"
 DEFAULT_MODEL_SEED = 20240105
 CACHE_ENV = "INFINITE_LLM_CACHE"
@@ -150,7 +150,7 @@ def _is_complete(folder: Path) -> bool:
 
 
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
-    """The default checkpoint folder `<cache>/default-model-v1`, built on first use.
+    """The default checkpoint folder `<cache>/default-model-<version>`, built on first use.
 
     The cache root is `cache_dir`, else $INFINITE_LLM_CACHE, else ~/.cache/infinite_llm. The
     folder is written under a temporary name and renamed into place, so concurrent callers

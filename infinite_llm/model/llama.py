@@ -172,7 +172,7 @@ class LlamaAttentionProjections(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         # One matmul instead of three; load_hf_state_dict writes q/k/v into row slices.
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
 
     def forward(self, layer_idx: int, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionBackend) -> Tensor:
         t = x.shape[0]
@@ -266,6 +266,8 @@ class LlamaForCausalLM(nn.Module):
                 targets[p + f"self_attn.k_proj.{suffix}"] = fused[q : q + kv]
                 targets[p + f"self_attn.v_proj.{suffix}"] = fused[q + kv :]
             targets[p + "self_attn.o_proj.weight"] = attn.o_proj.weight
+            if attn.o_proj.bias is not None:
+                targets[p + "self_attn.o_proj.bias"] = attn.o_proj.bias
             n = mlp.intermediate_size
             targets[p + "mlp.gate_proj.weight"] = mlp.gate_up_proj.weight[:n]
             targets[p + "mlp.up_proj.weight"] = mlp.gate_up_proj.weight[n:]

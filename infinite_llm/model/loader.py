@@ -19,13 +19,13 @@ from infinite_llm.model.llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, com
 
 logger = logging.getLogger(__name__)
 
-# architecture -> (model_type, q/k/v projections carry a bias regardless of config)
-SUPPORTED_ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "LlamaForCausalLM": ("llama", False),
-    "MistralForCausalLM": ("mistral", False),
-    "Qwen2ForCausalLM": ("qwen2", True),
+# architecture -> model_type
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
 }
-_ARCH_BY_MODEL_TYPE = {model_type: arch for arch, (model_type, _) in SUPPORTED_ARCHITECTURES.items()}
+_ARCH_BY_MODEL_TYPE = {model_type: arch for arch, model_type in SUPPORTED_ARCHITECTURES.items()}
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -120,6 +120,16 @@ def find_weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors weights in {folder}{hint}")
 
 
+def _attention_biases(model_type: str, raw: dict[str, Any]) -> tuple[bool, bool]:
+    """(q/k/v projections have a bias, o_proj has one) as transformers builds each architecture."""
+    if model_type == "qwen2":
+        return True, False  # always on q/k/v, never on o_proj, whatever the config says
+    if model_type == "llama":
+        bias = bool(raw.get("attention_bias", False))
+        return bias, bias  # LlamaAttention gives all four projections bias=attention_bias
+    return False, False  # MistralAttention has no bias and ignores attention_bias
+
+
 def load_model_config(path: str | Path) -> ModelConfig:
     """Read config.json of a Llama / Mistral / Qwen2 checkpoint folder into a ModelConfig.
 
@@ -129,7 +139,8 @@ def load_model_config(path: str | Path) -> ModelConfig:
     raw = _read_config_json(folder)
     where = folder / "config.json"
     arch = _architecture(raw, where)
-    model_type, qkv_bias = SUPPORTED_ARCHITECTURES[arch]
+    model_type = SUPPORTED_ARCHITECTURES[arch]
+    qkv_bias, o_bias = _attention_biases(model_type, raw)
     if raw.get("mlp_bias"):
         raise ValueError(f"mlp_bias=true in {where} is not supported")
     hidden_act = raw.get("hidden_act", "silu")
@@ -159,7 +170,8 @@ def load_model_config(path: str | Path) -> ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            attention_bias=qkv_bias or bool(raw.get("attention_bias", False)),
+            attention_bias=qkv_bias,
+            o_proj_bias=o_bias,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             hidden_act=hidden_act,
             bos_token_id=raw.get("bos_token_id"),
