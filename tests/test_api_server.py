@@ -139,6 +139,53 @@ def test_health_and_models(client):
     assert models["data"][0]["vocab_size"] > 0
 
 
+def test_models_reports_the_per_request_context_limit(server, client):
+    """max_model_len is what one request can hold (KV cache under the placement policy), not the
+    model's position count (1M for the built-in model)."""
+    limit = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    assert limit < server.engine.model_config.max_position_embeddings
+    prompt = [7] * (limit - 1)
+    fits = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "ignore_eos": True})
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["usage"]["total_tokens"] == limit
+    over = assert_openai_error(client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}), 400)
+    assert (over["code"], over["param"]) == ("context_length_exceeded", "max_tokens")
+
+
+def test_a_prompt_alone_too_long_names_the_prompt(client):
+    limit = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    r = client.post("/v1/completions", json={"prompt": [7] * limit, "max_tokens": 1})
+    error = assert_openai_error(r, 400)
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+    assert str(limit) in error["message"]
+    chat = {"messages": [{"role": "user", "content": "hello " * limit}], "max_tokens": 1}
+    error = assert_openai_error(client.post("/v1/chat/completions", json=chat), 400)
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+
+
+def test_chat_without_max_tokens_is_bounded_by_the_context():
+    """As at OpenAI: no max_tokens means "until the context is full", and /v1/models says where that is."""
+    live = LiveServer(small_config(num_blocks=8))
+    try:
+        with live.client() as client:
+            limit = client.get("/v1/models").json()["data"][0]["max_model_len"]
+            chat = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+            r = client.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+            assert r.json()["usage"]["total_tokens"] == limit
+    finally:
+        live.close()
+
+
+def test_serve_help_says_where_a_request_without_max_tokens_stops():
+    from infinite_llm.entrypoints.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    text = " ".join(serve.format_help().split())
+    assert "max_model_len" in text and "without max_tokens" in text
+
+
 def test_completion_non_stream_counts_usage(client, server):
     prompt = "Hello, my name is"
     r = client.post("/v1/completions", json={
@@ -632,3 +679,4 @@ def test_queue_full_error_is_raised_by_the_async_engine():
         asyncio.run(scenario())
     finally:
         live_engine.shutdown()
+

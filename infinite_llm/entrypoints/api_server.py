@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) on top of `AsyncLLMEngine`.
 
 Endpoints: /v1/completions, /v1/chat/completions (streaming as server-sent events or not),
-/v1/models, /health (per-instance liveness; 503 only when no instance can serve), /metrics
+/v1/models (its `max_model_len` is the real per-request limit: the model's positions or the KV
+cache the placement policy lets one request hold, whichever is less), /health (per-instance liveness; 503 only when no instance can serve), /metrics
 (Prometheus), and /admin/instances (GET: list, POST: add one, DELETE /admin/instances/{id}:
 drain one). Errors use OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (FastAPI's 422 validation
@@ -450,13 +451,22 @@ def _plan_choices(base_id: str, prompts: list[list[int]], params: list[SamplingP
     ]
 
 
+def _context_limit(engine: AsyncLLMEngine) -> int:
+    """The most tokens (prompt + output) one request may hold: the model's positions or what the
+    placement policy lets one request keep in the KV cache on the live instances, whichever is
+    less. It changes as instances join or die; `LLMEngine.max_context` is safe from any thread."""
+    return engine.engine.max_context()  # type: ignore[union-attr]
+
+
 def _check_fits_context(engine: AsyncLLMEngine, prompt: list[int], param: str) -> None:
     # A prompt with no room left for one output token can never run. Refusing it here spares the
-    # engine thread an O(prompt) validation of a request it would refuse anyway.
-    limit = engine.model_config.max_position_embeddings
+    # engine thread an O(prompt) validation of a request it would refuse anyway, and names the
+    # prompt (not max_tokens) as the field at fault.
+    limit = _context_limit(engine)
     if len(prompt) + 1 > limit:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens; the model's context of {limit} tokens "
-                            "leaves no room for a completion", param=param, code="context_length_exceeded")
+        raise APIError(400, f"the prompt has {len(prompt)} tokens; this server's limit of {limit} tokens per "
+                            "request (max_model_len in /v1/models) leaves no room for a completion",
+                       param=param, code="context_length_exceeded")
 
 
 async def _tokenize_prompts(workers: WorkerPool, engine: AsyncLLMEngine,
@@ -646,8 +656,8 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
     engine = _engine(request)
-    cfg = engine.model_config
-    card = ModelCard(id=engine.model_name, max_model_len=cfg.max_position_embeddings, vocab_size=cfg.vocab_size)
+    card = ModelCard(id=engine.model_name, max_model_len=_context_limit(engine),
+                     vocab_size=engine.model_config.vocab_size)
     return JSONResponse(ModelList(data=[card]).model_dump())
 
 

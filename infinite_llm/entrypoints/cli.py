@@ -100,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server",
+        description="Serve the model over an OpenAI-compatible HTTP API. One request's context "
+                    "(prompt + output tokens) is limited to what the placement policy lets one request hold "
+                    "in the KV cache of the live instances (--kv-blocks-per-instance, --num-instances, "
+                    "--placement), and to the model's positions; GET /v1/models reports that limit as "
+                    "max_model_len. As at OpenAI, a chat request without max_tokens (or "
+                    "max_completion_tokens) generates until EOS, a stop string or that limit; "
+                    "/v1/completions defaults to max_tokens=16.")
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -246,7 +246,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "infinite-llm"
-    max_model_len: Optional[int] = None
+    max_model_len: Optional[int] = None  # prompt + output tokens one request may hold here
     vocab_size: Optional[int] = None  # lets `bench serve` build valid random token-id prompts
 
 
