@@ -384,6 +384,14 @@ def test_unknown_model_and_route_get_404(client):
     assert_openai_error(client.get("/v1/nothing-here"), 404)
 
 
+def test_wrong_method_gets_405_with_allow(client):
+    for method, path, allowed in (("PUT", "/v1/completions", "POST"), ("POST", "/v1/models", "GET"),
+                                  ("GET", "/v1/chat/completions", "POST")):
+        r = client.request(method, path)
+        assert_openai_error(r, 405)
+        assert r.headers["Allow"] == allowed
+
+
 def test_server_is_healthy_after_bad_input(client):
     assert client.get("/health").status_code == 200
     assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200
@@ -611,8 +619,9 @@ def test_full_waiting_queue_gets_429():
             waiting = threading.Thread(target=send_and_give_up, daemon=True)
             waiting.start()  # it waits (max_num_seqs=1) and fills the queue (max_waiting=1)
             assert live.wait_until(lambda: live.engine.latest_stats().num_waiting == 1)
-            error = assert_openai_error(client.post("/v1/completions", json=long_request), 429)
-            assert error["type"] == "rate_limit_error"
+            refused = client.post("/v1/completions", json=long_request)
+            assert assert_openai_error(refused, 429)["type"] == "rate_limit_error"
+            assert int(refused.headers["Retry-After"]) >= 1  # tells clients when to come back
             waiting.join(5)
             assert outcome == ["gave up"]
         assert live.wait_idle()

@@ -7,8 +7,8 @@ cache the placement policy lets one request hold, whichever is less), /health (p
 drain one). Errors use OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (FastAPI's 422 validation
 answers are turned into 400; a bad sampling parameter names itself in `param`), 404 for an
-unknown model, 413 for a body over `max_request_bytes` (refused before it is parsed), 429 when
-the waiting queue is full, 503 once the engine died or while the server shuts down. A client that
+unknown model, 405 (with `Allow`) for a wrong method, 413 for a body over `max_request_bytes`
+(refused before it is parsed), 429 (with `Retry-After`) when the waiting queue is full, 503 once the engine died or while the server shuts down. A client that
 disconnects gets its requests aborted in the engine, which frees all their KV blocks, local and
 remote.
 
@@ -36,7 +36,7 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -87,6 +87,9 @@ _ABORT_GRACE_S = 5.0
 _DISCARD_LIMIT = 64 << 20
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _SSE_DONE = "data: [DONE]\n\n"
+# Sent with 429 (full waiting queue). The queue drains as running requests finish, which takes
+# about a second at typical output lengths; a client that honours it does not hammer the server.
+RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
@@ -94,10 +97,11 @@ class APIError(Exception):
 
     def __init__(
         self, status: int, message: str, type: str = "invalid_request_error",
-        param: Optional[str] = None, code: Optional[str] = None,
+        param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict[str, str]] = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
 
 class ServerShuttingDownError(RuntimeError):
@@ -105,9 +109,13 @@ class ServerShuttingDownError(RuntimeError):
 
 
 def error_response(status: int, message: str, type: str, param: Optional[str] = None,
-                   code: Optional[str] = None) -> JSONResponse:
+                   code: Optional[str] = None, headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
-    return JSONResponse(status_code=status, content=body.model_dump())
+    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
+
+
+def _api_error_response(err: APIError) -> JSONResponse:
+    return error_response(err.status, err.message, err.type, err.param, err.code, err.headers)
 
 
 def _api_error_from(exc: BaseException) -> APIError:
@@ -115,7 +123,8 @@ def _api_error_from(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFullError):
-        return APIError(429, str(exc), "rate_limit_error", code="queue_full")
+        return APIError(429, str(exc), "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, RequestTooLongError):
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, (ValueError, TypeError)):
@@ -743,7 +752,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return _api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -754,13 +763,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, _BodyTooLarge):
             return _too_large_response(exc)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind)
+        # Keeps Starlette's headers, e.g. the `Allow` that a 405 must carry (RFC 9110).
+        return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        err = _api_error_from(exc)
-        return error_response(err.status, err.message, err.type, err.param, err.code)
+        return _api_error_response(_api_error_from(exc))
 
 
 def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
