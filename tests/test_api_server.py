@@ -351,6 +351,16 @@ def test_openai_client_unchanged(oai):
         ({"prompt": "x", "logprobs": 3}, "logprobs"),
         ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
         ({}, "prompt"),
+        ({"prompt": [-1]}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt"),
+        # Strict types, as at OpenAI: no bool for a number, no string for a bool or a number.
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "stream": 1}, "stream"),
+        ({"prompt": "x", "n": 2.0}, "n"),
+        ({"prompt": "x", "echo": "true"}, "echo"),
+        ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+        ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options"),
     ],
 )
 def test_invalid_completion_requests_get_400(client, body, param):
@@ -364,6 +374,21 @@ def test_prompt_longer_than_the_cluster_kv_gets_400(client):
     too_long = [7] * (2 * NUM_BLOCKS * BLOCK_SIZE + 1)  # more than both instances hold together
     error = assert_openai_error(client.post("/v1/completions", json={"prompt": too_long, "max_tokens": 1}), 400)
     assert error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("prompt", ["", [], [[]], ["a", ""], [[1], []]])
+def test_an_empty_prompt_is_called_empty(client, prompt):
+    error = assert_openai_error(client.post("/v1/completions", json={"prompt": prompt}), 400)
+    assert error["param"] == "prompt" and "empty" in error["message"]
+
+
+@pytest.mark.parametrize("fields, param", [({"max_tokens": True}, "max_tokens"), ({"stream": "yes"}, "stream"),
+                                           ({"max_completion_tokens": 1.0}, "max_completion_tokens"),
+                                           ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+                                           ({"messages": [{"role": "user", "content": 5}]}, "messages")])
+def test_chat_types_are_strict(client, fields, param):
+    body = {"messages": [{"role": "user", "content": "x"}], **fields}
+    assert assert_openai_error(client.post("/v1/chat/completions", json=body), 400)["param"] == param
 
 
 def test_malformed_json_and_wrong_shapes_get_400(client):

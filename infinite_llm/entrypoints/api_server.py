@@ -424,19 +424,13 @@ def _check_n(n: int, num_prompts: int) -> None:
 
 
 def _normalize_prompts(prompt: Any) -> list[Union[str, list[int]]]:
-    """str | list[int] | list[str] | list[list[int]]  ->  a non-empty list of non-empty prompts."""
+    """str | list[int] | list[str] | list[list[int]]  ->  a list of prompts. The request model
+    already refused empty ones."""
     if isinstance(prompt, str):
-        prompts: list[Union[str, list[int]]] = [prompt]
-    elif prompt and all(isinstance(t, int) for t in prompt):
-        prompts = [list(prompt)]
-    else:
-        prompts = list(prompt)
-    if not prompts:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    for p in prompts:
-        if len(p) == 0:
-            raise APIError(400, "the prompt is empty: at least one token or character is required", param="prompt")
-    return prompts
+        return [prompt]
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return list(prompt)
 
 
 def _make_params(n: int, make_params: Callable[[int], SamplingParams], stream: bool) -> list[SamplingParams]:
@@ -716,8 +710,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state.lifecycle.check_accepting()
     _check_model(engine, body.model)
     _check_supported(body.unsupported_fields())
-    if not body.messages:
-        raise APIError(400, "messages must contain at least one message", param="messages")
     _check_n(body.n, 1)
     params = _make_params(body.n, body.to_sampling_params, body.stream)
     try:
@@ -772,6 +764,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _api_error_response(_api_error_from(exc))
 
 
+_PROMPT_SHAPE = ("prompt must be a string, a list of token ids (integers >= 0), or a list of strings or of "
+                 "token-id lists")
+_EMPTY_PROMPT = "the prompt is empty: every prompt needs at least one token or character"
+_TOO_SHORT = ("string_too_short", "too_short")
+
+
 def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
     problems, param = [], None
     for err in exc.errors():
@@ -781,7 +779,7 @@ def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
             continue
         if loc and loc[0] == "prompt":
             # A union's per-branch complaints are noise; say what a prompt may be once.
-            message = "prompt must be a string, a list of token ids, or a list of strings or of token-id lists"
+            message = _PROMPT_SHAPE if err.get("type") not in _TOO_SHORT else _EMPTY_PROMPT
             if message not in problems:
                 problems.append(message)
             param = param or "prompt"

@@ -14,18 +14,30 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infinite_llm.sampling import SamplingParamError, SamplingParams
 
+# Non-empty, in the schema too (minLength/minItems), so that /openapi.json says what is refused.
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 # A prompt is a string, a list of token ids, or a batch of either.
-PromptInput = Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
+PromptInput = Union[_Text, _TokenIds, Annotated[list[_Text], Field(min_length=1)],
+                    Annotated[list[_TokenIds], Field(min_length=1)]]
+# The roles every chat template understands (tools, and so "tool" messages, are not supported).
+ChatRole = Literal["system", "user", "assistant"]
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request body: unknown fields are ignored, known ones are typed strictly.
+
+    Strict as OpenAI is: `"max_tokens": true`, `"stream": "yes"` or `"n": 2.0` are 400, where
+    pydantic's lax mode would read them as 1, True and 2. Integers still pass for floats.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Lenient):
@@ -42,9 +54,9 @@ class _SamplingFields(_Lenient):
     n: int = 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    stop: Optional[Union[_Text, list[_Text]]] = None
     seed: Optional[int] = None
-    stop_token_ids: Optional[list[int]] = None  # extra (vLLM)
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = None  # extra (vLLM)
     ignore_eos: bool = False  # extra (vLLM)
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
@@ -117,8 +129,8 @@ class ChatContentPart(_Lenient):
 
 
 class ChatMessage(_Lenient):
-    role: StrictStr
-    content: Optional[Union[StrictStr, list[ChatContentPart]]] = None
+    role: ChatRole
+    content: Optional[Union[str, list[ChatContentPart]]] = None
     name: Optional[str] = None
 
     def text_content(self) -> str:
@@ -136,7 +148,7 @@ class ChatMessage(_Lenient):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
