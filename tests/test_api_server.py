@@ -409,9 +409,28 @@ def test_unknown_model_and_route_get_404(client):
     assert_openai_error(client.get("/v1/nothing-here"), 404)
 
 
+def test_openapi_documents_what_the_server_answers(client):
+    schema = client.get("/openapi.json").json()
+    operations = [op for path in schema["paths"].values() for op in path.values()]
+    assert not any("422" in op["responses"] for op in operations)  # validation errors are 400 here
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert {"200", "400", "404", "413", "429", "503"} <= set(responses)
+        assert responses["429"]["headers"]["Retry-After"]["required"] is True
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+    models = schema["components"]["schemas"]
+    prompt_shapes = models["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert all(shape.get("minLength") == 1 or shape.get("minItems") == 1 for shape in prompt_shapes)
+    assert models["ChatCompletionRequest"]["properties"]["messages"]["minItems"] == 1
+    assert models["ChatMessage"]["properties"]["role"]["enum"] == ["system", "user", "assistant"]
+
+
 def test_wrong_method_gets_405_with_allow(client):
     for method, path, allowed in (("PUT", "/v1/completions", "POST"), ("POST", "/v1/models", "GET"),
-                                  ("GET", "/v1/chat/completions", "POST")):
+                                  ("GET", "/v1/chat/completions", "POST"),
+                                  ("PUT", "/admin/instances", "GET, POST")):
         r = client.request(method, path)
         assert_openai_error(r, 405)
         assert r.headers["Allow"] == allowed
@@ -449,6 +468,9 @@ def test_chat_names_the_token_limit_field_it_was_sent(client):
     for field in ("max_tokens", "max_completion_tokens"):
         r = client.post("/v1/chat/completions", json={"messages": messages, field: 0})
         assert assert_openai_error(r, 400)["param"] == field
+        r = client.post("/v1/chat/completions", json={"messages": messages, field: 10**6})
+        error = assert_openai_error(r, 400)
+        assert (error["code"], error["param"]) == ("context_length_exceeded", field)
 
 
 def test_tiny_temperature_is_greedy_and_leaves_the_engine_healthy(client, oai):

@@ -41,9 +41,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, O
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infinite_llm.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
@@ -63,6 +65,8 @@ from infinite_llm.entrypoints.openai_protocol import (
     DeltaMessage,
     ErrorInfo,
     ErrorResponse,
+    MAX_CHOICES_PER_REQUEST,
+    HealthResponse,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -73,8 +77,6 @@ logger = logging.getLogger(__name__)
 # Shutdown progress goes where uvicorn reports its own (configured by uvicorn, --log-level).
 _server_log = logging.getLogger("uvicorn.error")
 
-# One HTTP request may fan out to at most this many engine requests (prompts x n).
-MAX_CHOICES_PER_REQUEST = 64
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 SHUTDOWN_MESSAGE = "server shutting down"
@@ -417,8 +419,7 @@ def _check_supported(unsupported: list[str]) -> None:
 
 
 def _check_n(n: int, num_prompts: int) -> None:
-    if n < 1:
-        raise APIError(400, f"n must be >= 1, got {n}", param="n")
+    # n alone is bounded by the request model; the product only here.
     if n * num_prompts > MAX_CHOICES_PER_REQUEST:
         raise APIError(400, f"prompts x n = {n * num_prompts} exceeds {MAX_CHOICES_PER_REQUEST}", param="n")
 
@@ -488,8 +489,10 @@ async def _tokenize_prompts(workers: WorkerPool, engine: AsyncLLMEngine,
     return token_lists
 
 
-async def _admit(engine: AsyncLLMEngine, choices: list[_Choice], arrival: float) -> list[RequestStream]:
-    """Admit all choices or none: on any refusal the admitted ones are aborted."""
+async def _admit(engine: AsyncLLMEngine, choices: list[_Choice], arrival: float,
+                 limit_field: str) -> list[RequestStream]:
+    """Admit all choices or none: on any refusal the admitted ones are aborted. A prompt that
+    fits but not with its output names `limit_field`, the token limit the client sent."""
     results = await asyncio.gather(
         *(engine.add_request(c.prompt, c.params, c.request_id, arrival) for c in choices),
         return_exceptions=True,
@@ -499,7 +502,10 @@ async def _admit(engine: AsyncLLMEngine, choices: list[_Choice], arrival: float)
         for r in results:
             if isinstance(r, RequestStream):
                 r.abort()
-        raise _api_error_from(errors[0])
+        err = _api_error_from(errors[0])
+        if err.code == "context_length_exceeded":
+            err.param = limit_field
+        raise err
     return list(results)  # type: ignore[arg-type]
 
 
@@ -591,6 +597,36 @@ def _sse_error(exc: BaseException) -> str:
 
 
 # -------------------------------------------------------------------------------- routes
+# What each route may answer, for /openapi.json (the fuzz test holds the server to it).
+_ERROR_DESCRIPTIONS = {
+    400: "invalid request; `param` names the field at fault",
+    404: "unknown model",
+    413: "request body over --max-request-bytes",
+    429: "the waiting queue is full; retry after Retry-After seconds",
+    500: "the instance could not be started",
+    503: "the engine is dead, no instance is alive, or the server is shutting down",
+}
+# Before OpenAPI 3.2 (`itemSchema`), the schema of text/event-stream describes one event.
+_SSE_SCHEMA = {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a chunk object as JSON; an error object as JSON "
+                                                            "if the stream fails; the last event is [DONE]"}},
+}}
+
+
+def _schema_ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _error_responses(*statuses: int) -> dict[Union[int, str], dict[str, Any]]:
+    responses: dict[Union[int, str], dict[str, Any]] = {
+        s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}
+    if 429 in responses:
+        responses[429]["headers"] = {"Retry-After": {"required": True, "schema": {"type": "integer"},
+                                                     "description": "seconds to wait before retrying"}}
+    return responses
+
+
 # Routes read the engine and helpers from `request.app.state` (set by `build_app`), so one
 # module-level router serves any number of apps.
 router = APIRouter()
@@ -600,7 +636,11 @@ def _engine(request: Request) -> AsyncLLMEngine:
     return request.app.state.engine
 
 
-@router.get("/health")
+@router.get("/health", response_model=None, responses={
+    200: {"model": HealthResponse, "description": "some instance can serve"},
+    503: {"description": "shutting down, the engine is dead, or no instance is alive",
+          "content": {"application/json": {"schema": {"anyOf": [_schema_ref(ErrorResponse), _schema_ref(HealthResponse)]}}}},
+})
 async def health(request: Request) -> Response:
     engine = _engine(request)
     if request.app.state.lifecycle.draining:  # load balancers should stop sending work here
@@ -617,12 +657,12 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": status, "instances": instances})
 
 
-@router.get("/admin/instances")
+@router.get("/admin/instances", responses={200: {"description": "every member instance and its health"}})
 async def list_instances(request: Request) -> JSONResponse:
     return JSONResponse({"instances": _engine(request).instance_health()})
 
 
-@router.post("/admin/instances")
+@router.post("/admin/instances", status_code=201, responses=_error_responses(500, 503))
 async def add_instance(request: Request) -> JSONResponse:
     """Start one more instance (also how a dead one is replaced: the new one gets a new id)."""
     engine = _engine(request)
@@ -633,7 +673,7 @@ async def add_instance(request: Request) -> JSONResponse:
     return JSONResponse({"instance": instance, "instances": engine.instance_health()}, status_code=201)
 
 
-@router.delete("/admin/instances/{instance}")
+@router.delete("/admin/instances/{instance}", responses=_error_responses(400, 503))
 async def remove_instance(request: Request, instance: int) -> JSONResponse:
     """Drain an instance: its requests (and those with KV on it) are recomputed elsewhere."""
     engine = _engine(request)
@@ -644,7 +684,11 @@ async def remove_instance(request: Request, instance: int) -> JSONResponse:
     return JSONResponse({"removed": instance})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={
+    200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    503: {"description": "the engine did not start",  # JSON, unlike the route's text/plain
+          "content": {"application/json": {"schema": _schema_ref(ErrorResponse)}}},
+})
 async def metrics(request: Request) -> Response:
     engine = _engine(request)
     if engine.metrics is None:
@@ -656,7 +700,7 @@ async def metrics(request: Request) -> Response:
     return Response(content=body, media_type=content_type)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={200: {"model": ModelList, "description": "the served model"}})
 async def models(request: Request) -> JSONResponse:
     engine = _engine(request)
     card = ModelCard(id=engine.model_name, max_model_len=_context_limit(engine),
@@ -664,7 +708,11 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse(ModelList(data=[card]).model_dump())
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={
+    200: {"model": CompletionResponse, "description": "the completion (stream: server-sent events)",
+          "content": {"text/event-stream": _SSE_SCHEMA}},
+    **_error_responses(400, 404, 413, 429, 503),
+})
 async def completions(body: CompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     engine, state = _engine(request), request.app.state
@@ -703,7 +751,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                                 prepare=decode_echo if body.echo else None)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={
+    200: {"model": ChatCompletionResponse, "description": "the chat completion (stream: server-sent events)",
+          "content": {"text/event-stream": _SSE_SCHEMA}},
+    **_error_responses(400, 404, 413, 429, 503),
+})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     engine, state = _engine(request), request.app.state
@@ -737,7 +789,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             usage=_usage(choices, by_index),
         )
 
-    return await _serve_choices(request, choices, arrival, body.stream, events, response)
+    return await _serve_choices(request, choices, arrival, body.stream, events, response,
+                                limit_field=body.token_limit_field)
 
 
 # ------------------------------------------------------------------------------- the app
@@ -751,12 +804,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, _BodyTooLarge):
             return _too_large_response(exc)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        # Keeps Starlette's headers, e.g. the `Allow` that a 405 must carry (RFC 9110).
-        return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # RFC 9110: a 405 lists the methods the resource supports
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(exc.status_code, str(exc.detail), kind, headers=headers)
 
     @app.exception_handler(Exception)
     async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -768,6 +823,18 @@ _PROMPT_SHAPE = ("prompt must be a string, a list of token ids (integers >= 0), 
                  "token-id lists")
 _EMPTY_PROMPT = "the prompt is empty: every prompt needs at least one token or character"
 _TOO_SHORT = ("string_too_short", "too_short")
+
+
+_HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own 405 names only the first
+    route matching the path (GET /admin/instances hid POST). Each method is tried against the
+    routes, since included routers do not expose their routes' methods."""
+    routes = request.app.router.routes
+    return [method for method in _HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
 
 
 def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
@@ -789,6 +856,25 @@ def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(400, "; ".join(problems) or "invalid request", "invalid_request_error", param)
 
 
+def _openapi_as_served(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """`app.openapi`, minus the 422 answers FastAPI documents for every route with parameters:
+    this server turns validation errors into 400 (`_validation_error_response`), which each route
+    documents itself."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+    return openapi
+
+
 def build_app(engine: AsyncLLMEngine, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving `engine`. The caller owns the engine's lifetime.
 
@@ -802,6 +888,7 @@ def build_app(engine: AsyncLLMEngine, max_request_bytes: int = DEFAULT_MAX_REQUE
     app.state.workers = WorkerPool()
     _install_error_handlers(app)
     app.include_router(router)
+    app.openapi = _openapi_as_served(app)  # type: ignore[method-assign]
     # Added last = outermost: a request is counted from its first byte, and an oversized body
     # is refused before anything inside reads it.
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
@@ -823,6 +910,7 @@ async def _serve_choices(
     events: Callable[[int, list[RequestStream]], AsyncIterator[str]],
     response: Callable[[int, dict[int, RequestOutput]], BaseModel],
     prepare: Optional[Callable[[], Awaitable[None]]] = None,
+    limit_field: str = "max_tokens",
 ) -> Response:
     """Admit `choices` and answer with them: the skeleton both endpoints share.
 
@@ -834,7 +922,7 @@ async def _serve_choices(
     """
     engine, lifecycle = _engine(request), request.app.state.lifecycle
     _ensure_healthy(engine)
-    streams = await _admit(engine, choices, arrival)
+    streams = await _admit(engine, choices, arrival, limit_field)
     lifecycle.track(streams)
     try:
         if prepare is not None:

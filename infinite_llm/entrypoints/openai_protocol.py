@@ -5,20 +5,21 @@ Requests accept the OpenAI fields plus the vLLM-style extras `top_k`, `stop_toke
 use), but fields that would change the output and that we do not implement are rejected with a
 clear message instead of being silently dropped (see `unsupported_fields`).
 
-Sampling fields are checked as OpenAI checks them (`SamplingParams.validate`): finite numbers
+Fields are typed strictly and sampling fields are checked as OpenAI checks them: finite numbers
 only, temperature in [0, 2] (below 1e-5 it is greedy decoding), top_p in (0, 1], top_k -1 or 0
-(off) or >= 1, max_tokens >= 1, penalties in [-2, 2]. A bad value gets 400 with `param` naming it.
+(off) or >= 1, max_tokens >= 1, penalties in [-2, 2], n in [1, 64]. The models state these
+constraints, so /openapi.json shows them; `SamplingParams.validate` checks them again for callers
+of the engine. A bad value gets 400 with `param` naming it.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from infinite_llm.sampling import SamplingParamError, SamplingParams
+from infinite_llm.sampling import MAX_TEMPERATURE, SamplingParams
 
 # Non-empty, in the schema too (minLength/minItems), so that /openapi.json says what is refused.
 _Text = Annotated[str, Field(min_length=1)]
@@ -28,6 +29,12 @@ PromptInput = Union[_Text, _TokenIds, Annotated[list[_Text], Field(min_length=1)
                     Annotated[list[_TokenIds], Field(min_length=1)]]
 # The roles every chat template understands (tools, and so "tool" messages, are not supported).
 ChatRole = Literal["system", "user", "assistant"]
+
+
+_ONLY_ZERO = "not supported: only 0 or null"
+_UNTIL_FULL = "null: until the context (max_model_len in /v1/models) is full"
+# One HTTP request may fan out to at most this many engine requests (prompts x n).
+MAX_CHOICES_PER_REQUEST = 64
 
 
 class _Lenient(BaseModel):
@@ -47,29 +54,24 @@ class StreamOptions(_Lenient):
 class _SamplingFields(_Lenient):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
+    # Ranges as at OpenAI (and as `SamplingParams.validate` checks them), stated here so that the
+    # schema shows them; a value outside gets 400 naming the field.
     model: Optional[str] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None  # extra (vLLM)
-    n: int = 1
+    temperature: Optional[float] = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: Optional[int] = Field(None, ge=-1, description="-1 or 0: off (vLLM extra)")
+    n: int = Field(1, ge=1, le=MAX_CHOICES_PER_REQUEST, description="choices per prompt; prompts x n <= 64")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[_Text, list[_Text]]] = None
     seed: Optional[int] = None
     stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = None  # extra (vLLM)
     ignore_eos: bool = False  # extra (vLLM)
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
+    # OpenAI's range is checked first, so NaN is not taken for "set" and called "not supported".
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False, description=_ONLY_ZERO)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False, description=_ONLY_ZERO)
+    logit_bias: Optional[dict[str, float]] = Field(None, description="not supported: only empty")
     user: Optional[str] = None
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty_in_range(cls, value: Optional[float]) -> Optional[float]:
-        # OpenAI's range. NaN would otherwise pass as "set" and get a misleading "not supported".
-        if value is not None and not (math.isfinite(value) and -2.0 <= value <= 2.0):
-            raise ValueError(f"must be a finite number in [-2, 2], got {value!r}")
-        return value
 
     def unsupported_fields(self) -> list[str]:
         """Output-changing options this server does not implement (the caller answers 400)."""
@@ -103,11 +105,11 @@ class _SamplingFields(_Lenient):
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
-    max_tokens: Optional[int] = 16
+    max_tokens: Optional[int] = Field(16, ge=1, description="null: until the context (max_model_len) is full")
     echo: bool = False
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    logprobs: Optional[int] = Field(None, description="not supported: only null")
+    best_of: Optional[int] = Field(None, description="not supported: only null, 1 or n")
+    suffix: Optional[str] = Field(None, description="not supported: only null or empty")
 
     def unsupported_fields(self) -> list[str]:
         bad = super().unsupported_fields()
@@ -149,11 +151,11 @@ class ChatMessage(_Lenient):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
-    tools: Optional[list[dict[str, Any]]] = None
+    max_tokens: Optional[int] = Field(None, ge=1, description=_UNTIL_FULL)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description=_UNTIL_FULL + "; wins over max_tokens")
+    logprobs: Optional[bool] = Field(False, description="not supported: only false or null")
+    top_logprobs: Optional[int] = Field(None, description="not supported: only null or 0")
+    tools: Optional[list[dict[str, Any]]] = Field(None, description="not supported: only null or empty")
 
     def unsupported_fields(self) -> list[str]:
         bad = super().unsupported_fields()
@@ -163,17 +165,14 @@ class ChatCompletionRequest(_SamplingFields):
             bad.append("tools")
         return bad
 
+    @property
+    def token_limit_field(self) -> str:
+        """The field that bounds the output: max_completion_tokens is the newer name and wins."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def to_sampling_params(self, seed_offset: int = 0) -> SamplingParams:
-        # max_completion_tokens is the newer name; it wins when both are given.
-        newer = self.max_completion_tokens is not None
-        limit = self.max_completion_tokens if newer else self.max_tokens
-        try:
-            return self._sampling_params(limit, seed_offset)
-        except SamplingParamError as exc:
-            if newer and exc.param == "max_tokens":  # name the field the client actually sent
-                raise SamplingParamError("max_completion_tokens", str(exc).replace(
-                    "max_tokens", "max_completion_tokens")) from exc
-            raise
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._sampling_params(limit, seed_offset)
 
 
 # ------------------------------------------------------------------------------ responses
@@ -276,3 +275,19 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# ------------------------------------------------------------------ non-OpenAI endpoints
+class InstanceHealth(BaseModel):
+    instance: int
+    state: Literal["starting", "alive", "suspect", "dead"]
+    last_heartbeat_age_s: Optional[float] = None
+
+
+class HealthResponse(BaseModel):
+    """GET /health: "ok" (all alive), "degraded" (some can serve) or "unavailable" (503, with
+    `error`)."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    instances: list[InstanceHealth]
+    error: Optional[ErrorInfo] = None
