@@ -4,7 +4,9 @@ served by uvicorn on 127.0.0.1 from a background thread."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import logging
 import os
 import socket
 import threading
@@ -676,10 +678,9 @@ def test_full_waiting_queue_gets_429():
         live.close()
 
 
-def test_engine_crash_fails_requests_and_turns_unhealthy():
-    crash = threading.Event()
-
-    def crashing_engine() -> LLMEngine:
+def crashing_engine(crash: threading.Event) -> Callable[[], LLMEngine]:
+    """An engine factory whose engine's step raises once `crash` is set (the engine thread dies)."""
+    def factory() -> LLMEngine:
         engine = LLMEngine(small_config())
         real_step = engine.step
 
@@ -691,7 +692,12 @@ def test_engine_crash_fails_requests_and_turns_unhealthy():
         engine.step = step  # type: ignore[method-assign]
         return engine
 
-    live = LiveServer(engine_factory=crashing_engine)
+    return factory
+
+
+def test_engine_crash_fails_requests_and_turns_unhealthy():
+    crash = threading.Event()
+    live = LiveServer(engine_factory=crashing_engine(crash))
     try:
         with live.client() as client:
             request = {"prompt": [4, 5, 6], "max_tokens": 300, "ignore_eos": True, "stream": True}
@@ -736,3 +742,52 @@ def test_queue_full_error_is_raised_by_the_async_engine():
     finally:
         live_engine.shutdown()
 
+
+
+class _RecordErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _post_keep_alive(conn: http.client.HTTPConnection, path: str, body: dict) -> tuple[int, dict]:
+    """POST on an open connection; raises if the server closed it after the previous answer."""
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_a_dead_engine_gets_clean_503s_on_a_kept_alive_connection():
+    """Not "Exception in ASGI application" with the connection dropped: an answer like any other,
+    also for an engine error surfacing where no route expected one."""
+    crash = threading.Event()
+    live = LiveServer(engine_factory=crashing_engine(crash))
+    app = live.server.config.app
+
+    async def engine_error_in_a_handler() -> None:  # e.g. the engine dying mid-request
+        raise EngineDeadError("the engine crashed: injected")
+
+    app.add_api_route("/test/engine-error", engine_error_in_a_handler, methods=["POST"])
+    errors = _RecordErrors()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(errors)
+    conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=30)
+    try:
+        crash.set()
+        assert _post_keep_alive(conn, "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 503
+        assert live.wait_until(lambda: not live.engine.is_healthy)
+        requests = [("/test/engine-error", {}), ("/v1/completions", {"prompt": "x", "n": 2}),
+                    ("/v1/completions", {"prompt": "x", "stream": True}),
+                    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                    ("/test/engine-error", {})]
+        for path, body in requests:
+            status, answer = _post_keep_alive(conn, path, body)
+            assert status == 503 and answer["error"]["code"] == "engine_dead", (path, answer)
+        assert not [m for m in errors.messages if "Exception in ASGI application" in m]
+    finally:
+        uvicorn_log.removeHandler(errors)
+        conn.close()
+        live.close()

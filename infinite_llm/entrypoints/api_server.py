@@ -717,6 +717,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     engine, state = _engine(request), request.app.state
     state.lifecycle.check_accepting()
+    _ensure_healthy(engine)  # before tokenizing: a dead engine needs no prompt
     _check_model(engine, body.model)
     _check_supported(body.unsupported_fields())
     prompts = _normalize_prompts(body.prompt)
@@ -760,6 +761,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     arrival = time.monotonic()
     engine, state = _engine(request), request.app.state
     state.lifecycle.check_accepting()
+    _ensure_healthy(engine)
     _check_model(engine, body.model)
     _check_supported(body.unsupported_fields())
     _check_n(body.n, 1)
@@ -794,6 +796,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 
 # ------------------------------------------------------------------------------- the app
+_ENGINE_ERRORS = (EngineDeadError, ServerShuttingDownError, NoLiveInstanceError, QueueFullError,
+                  RequestTooLongError)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -812,6 +818,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:  # RFC 9110: a 405 lists the methods the resource supports
             headers["Allow"] = ", ".join(_allowed_methods(request))
         return error_response(exc.status_code, str(exc.detail), kind, headers=headers)
+
+    async def _on_engine_error(_: Request, exc: Exception) -> JSONResponse:
+        return _api_error_response(_api_error_from(exc))
+
+    # The engine's refusals and failures, wherever in a handler they surface, are answers, not
+    # crashes. They must not reach the catch-all below: Starlette re-raises after that one, so
+    # uvicorn logs "Exception in ASGI application" and drops the keep-alive connection.
+    for expected in _ENGINE_ERRORS:
+        app.add_exception_handler(expected, _on_engine_error)
 
     @app.exception_handler(Exception)
     async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -921,7 +936,6 @@ async def _serve_choices(
     its KV blocks) and 499 is returned.
     """
     engine, lifecycle = _engine(request), request.app.state.lifecycle
-    _ensure_healthy(engine)
     streams = await _admit(engine, choices, arrival, limit_field)
     lifecycle.track(streams)
     try:
