@@ -393,6 +393,19 @@ def test_chat_types_are_strict(client, fields, param):
     assert assert_openai_error(client.post("/v1/chat/completions", json=body), 400)["param"] == param
 
 
+@pytest.mark.parametrize("path, body, where", [
+    ("/v1/completions", r'{"prompt": ["fine", "ab\ud800c"]}', "the prompt"),
+    ("/v1/completions", r'{"prompt": "fine", "stop": "ab\ud800c"}', "stop"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "system", "content": "ok"}, '
+                             r'{"role": "user", "content": "ab\ud800c"}]}', "messages[1].content"),
+])
+def test_a_lone_surrogate_gets_a_clear_400(client, path, body, where):
+    """Not the tokenizer's "TextInputSequence must be str": what is wrong, and where."""
+    r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    message = assert_openai_error(r, 400)["message"]
+    assert f"{where} is not valid Unicode: lone surrogate '\\ud800' at character 2" in message, message
+
+
 def test_malformed_json_and_wrong_shapes_get_400(client):
     for raw in (b"{not json", b"[1, 2, 3]", b'"just a string"'):
         r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})

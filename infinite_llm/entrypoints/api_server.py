@@ -200,23 +200,42 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
     holds it for the whole call, which would freeze the event loop and the engine thread (so
     every stream) just as much as tokenizing in the engine did.
     """
+    # Texts are valid Unicode by now (the request models and `_encode_chat` refuse lone
+    # surrogates, on which `tokenizers` fails with "TextInputSequence must be str").
     backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return [tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+
+
+class _InvalidText(ValueError):
+    """Text that is no valid Unicode; the message says where."""
+
+
+def _unicode_problem(text: Any, where: str) -> str:
+    """Why `text` is no valid Unicode. A Python str can hold a lone surrogate (JSON "\ud800"),
+    which no tokenizer can encode."""
     try:
-        if backend is not None and hasattr(backend, "encode_batch"):
-            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        return [tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-    except TypeError as exc:
-        for text in texts:  # the one way a Python str is not valid text: a lone surrogate
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as bad:
-                raise ValueError(f"the text is not valid Unicode: lone surrogate {text[bad.start]!r} "
-                                 f"at character {bad.start}") from exc
-        raise
+        text.encode("utf-8")
+    except UnicodeEncodeError as bad:
+        return f"{where} is not valid Unicode: lone surrogate {text[bad.start]!r} at character {bad.start}"
+    except AttributeError:  # not a str at all
+        pass
+    return f"{where} is not valid Unicode"
+
+
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _InvalidText(_unicode_problem(text, where)) from None
 
 
 def _encode_chat(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Render the chat template and tokenize it; runs in a worker thread."""
+    # Checked per message: once rendered, a bad character's position means nothing to the client.
+    for i, message in enumerate(messages):
+        _check_unicode(message["content"], f"messages[{i}].content")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     # The template already carries the special tokens (BOS); do not add them twice.
     return _encode(tokenizer, [text], add_special_tokens=False)[0]
@@ -769,6 +788,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     try:
         messages = [{"role": m.role, "content": m.text_content()} for m in body.messages]
         prompt_ids = await state.workers.run(_encode_chat, engine.tokenizer, messages)
+    except _InvalidText as exc:
+        raise APIError(400, str(exc), param="messages") from exc
     except ValueError as exc:  # includes the template's own raise_exception
         raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
     if not prompt_ids:
@@ -838,6 +859,7 @@ _PROMPT_SHAPE = ("prompt must be a string, a list of token ids (integers >= 0), 
                  "token-id lists")
 _EMPTY_PROMPT = "the prompt is empty: every prompt needs at least one token or character"
 _TOO_SHORT = ("string_too_short", "too_short")
+_BRANCH_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 _HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
@@ -852,22 +874,42 @@ def _allowed_methods(request: Request) -> list[str]:
             if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
 
 
+def _prompt_problem(errors: list[dict[str, Any]]) -> str:
+    """One message for a prompt that fits no shape: the union's per-branch complaints are noise."""
+    for err in errors:
+        if err.get("type") == "string_unicode":
+            return _unicode_problem(err.get("input"), "the prompt")
+    if any(err.get("type") in _TOO_SHORT for err in errors):
+        return _EMPTY_PROMPT
+    return _PROMPT_SHAPE
+
+
+def _field_path(loc: Sequence[Any]) -> list[str]:
+    """A pydantic error location as the client's field path: without "body" and without the
+    names pydantic gives the branches of a union ("str", "constrained-str", "list[int]")."""
+    return [str(x) for x in loc
+            if x != "body" and (isinstance(x, int) or (x.isidentifier() and x not in _BRANCH_TAGS))]
+
+
 def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
-    problems, param = [], None
-    for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    problems: list[str] = []
+    param = None
+    errors = [{**err, "loc": _field_path(err.get("loc", ()))} for err in exc.errors()]
+    prompt_errors = [err for err in errors if err["loc"][:1] == ["prompt"]]
+    if prompt_errors:
+        problems.append(_prompt_problem(prompt_errors))
+        param = "prompt"
+    for err in errors:
+        loc = err["loc"]
         if err.get("type") == "json_invalid":
             problems.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
-            continue
-        if loc and loc[0] == "prompt":
-            # A union's per-branch complaints are noise; say what a prompt may be once.
-            message = _PROMPT_SHAPE if err.get("type") not in _TOO_SHORT else _EMPTY_PROMPT
-            if message not in problems:
-                problems.append(message)
-            param = param or "prompt"
-            continue
-        param = param or (loc[0] if loc else None)
-        problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        elif loc[:1] != ["prompt"]:
+            param = param or (loc[0] if loc else None)
+            field = ".".join(loc) or "body"
+            problem = (_unicode_problem(err.get("input"), field) if err.get("type") == "string_unicode"
+                       else f"{field}: {err.get('msg')}")
+            if problem not in problems:
+                problems.append(problem)
     return error_response(400, "; ".join(problems) or "invalid request", "invalid_request_error", param)
 
 
