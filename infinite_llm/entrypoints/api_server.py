@@ -2,13 +2,16 @@
 
 Endpoints: /v1/completions, /v1/chat/completions (streaming as server-sent events or not),
 /v1/models (its `max_model_len` is the real per-request limit: the model's positions or the KV
-cache the placement policy lets one request hold, whichever is less), /health (per-instance liveness; 503 only when no instance can serve), /metrics
-(Prometheus), and /admin/instances (GET: list, POST: add one, DELETE /admin/instances/{id}:
-drain one). Errors use OpenAI's body
-`{"error": {"message", "type", "param", "code"}}`: 400 for bad input (FastAPI's 422 validation
-answers are turned into 400; a bad sampling parameter names itself in `param`), 404 for an
-unknown model, 405 (with `Allow`) for a wrong method, 413 for a body over `max_request_bytes`
-(refused before it is parsed), 429 (with `Retry-After`) when the waiting queue is full, 503 once the engine died or while the server shuts down. A client that
+cache the placement policy lets one request hold, whichever is less), /health (per-instance
+liveness; 503 only when no instance can serve), /metrics (Prometheus text), and /admin/instances
+(GET: list, POST: add one, DELETE /admin/instances/{id}: drain one). /openapi.json documents
+what each route answers; tests/test_api_fuzz.py holds the server to it.
+
+Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for bad input
+(validation errors included, which FastAPI would answer with 422; `param` names the field; types
+are strict as at OpenAI), 404 for an unknown model, 405 (with `Allow`) for a wrong method, 413 for
+a body over `max_request_bytes` (refused before it is parsed), 429 (with `Retry-After`) when the
+waiting queue is full, 503 once the engine died or while the server shuts down. A client that
 disconnects gets its requests aborted in the engine, which frees all their KV blocks, local and
 remote.
 
