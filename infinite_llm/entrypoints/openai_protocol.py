@@ -29,8 +29,6 @@ PromptInput = Union[_Text, _TokenIds, Annotated[list[_Text], Field(min_length=1)
                     Annotated[list[_TokenIds], Field(min_length=1)]]
 # The roles every chat template understands (tools, and so "tool" messages, are not supported).
 ChatRole = Literal["system", "user", "assistant"]
-
-
 _ONLY_ZERO = "not supported: only 0 or null"
 _UNTIL_FULL = "null: until the context (max_model_len in /v1/models) is full"
 # One HTTP request may fan out to at most this many engine requests (prompts x n).
@@ -105,7 +103,7 @@ class _SamplingFields(_Lenient):
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
-    max_tokens: Optional[int] = Field(16, ge=1, description="null: until the context (max_model_len) is full")
+    max_tokens: Optional[int] = Field(16, ge=1, description=_UNTIL_FULL)
     echo: bool = False
     logprobs: Optional[int] = Field(None, description="not supported: only null")
     best_of: Optional[int] = Field(None, description="not supported: only null, 1 or n")
