@@ -234,7 +234,10 @@ class Scheduler:
             num_running = len(scheduled)
             self._admit_waiting(budget, chunk_cap, scheduled)
             self._hold_back_older_chunks(scheduled, num_running)
+        return self._output(scheduled, preempted)
 
+    def _output(self, scheduled: list[tuple[Request, int]], preempted: list[Request]) -> SchedulerOutput:
+        """The step's batch: each scheduled request's next `num_new` tokens and block table."""
         out = SchedulerOutput(scheduled=[r for r, _ in scheduled], preempted=preempted)
         for request, num_new in scheduled:
             start = request.num_computed_tokens
