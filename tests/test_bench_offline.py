@@ -117,6 +117,7 @@ def test_attainable_bound_is_the_later_of_the_arrival_and_the_work_floors():
     assert (bound.request_id, bound.floor_s, bound.generated_tokens_per_s) == ("b", 3.5, 60 / 3.5)
     bound = attainable_bound("infinite", ["a", "c"], 40, trace, {**solo, "b": SoloRun(9.0, 9.0)}, cores=2)
     assert (bound.request_id, bound.floor_s, bound.solo_s) == ("c", 3.0, 0.0)  # b was not served
+    assert "the last request arrives at 3.00 s" in bound.explain()
     # c's work (5 CPU-s, static's) plus a's and b's alone (3 CPU-s) on 2 cores: 4 s.
     bound = attainable_bound("infinite", ["a", "b", "c"], 60, trace, solo, base_cpu_s=5.0, cores=2)
     assert (bound.work_cpu_s, bound.work_floor_s, bound.floor_s) == (8.0, 4.0, 4.0)

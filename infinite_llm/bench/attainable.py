@@ -66,8 +66,11 @@ class AttainableBound:
         return self.generated_tokens / self.floor_s if self.floor_s > 0 else 0.0
 
     def explain(self) -> str:
-        parts = [f"{self.request_id} arrives at {self.arrival_s:.2f} s and takes {self.solo_s:.2f} s alone "
-                 f"on the idle cluster"]
+        if self.solo_s > 0:
+            parts = [f"{self.request_id} arrives at {self.arrival_s:.2f} s and takes {self.solo_s:.2f} s alone "
+                     f"on the idle cluster"]
+        else:
+            parts = [f"the last request arrives at {self.arrival_s:.2f} s"]
         if self.work_cpu_s is not None:
             parts.append(f"the work (static's for the requests it served, the others' alone) is "
                          f"{self.work_cpu_s:.1f} CPU-s on {self.num_cores} cores")
