@@ -29,7 +29,7 @@ from infinite_llm.control.plan import SeqWork
 from infinite_llm.control.rmanager import RManager
 from infinite_llm.instance.kv_cache import PagedKVCache
 from infinite_llm.kernels.dist_attention import (
-    MicroAttentionPlan, micro_attention, plan_micro_attention, run_micro_attention_plan, scale_reduce,
+    MicroAttentionPlan, merge_partials, micro_attention, plan_micro_attention, run_micro_attention_plan,
 )
 
 
@@ -240,7 +240,7 @@ class StepAttention:
             out, lse = self._scatter(part.q_rows, partial.out.to(q.device), partial.lse.to(q.device))
             outs.append(out)
             lses.append(lse)
-        merged, _ = scale_reduce(outs, lses)
+        merged, _ = merge_partials(outs, lses)
         return merged.to(q.dtype)
 
     def _ship(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

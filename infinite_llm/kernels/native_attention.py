@@ -1,4 +1,5 @@
-"""The CPU decode kernel (`native/paged_attention.c`): built with the host's C compiler on first use.
+"""The CPU decode kernel and ScaleReduce (`native/paged_attention.c`), built with the host's C
+compiler on first use.
 
 Decode attention is memory-bound, and the torch path reads every cached K/V twice more than it
 must (a gather copies the blocks into a contiguous buffer, which the fused kernel then reads);
@@ -78,6 +79,17 @@ def paged_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_
         raise ValueError(f"the native kernel does not take these sizes (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
 
 
+def scale_reduce(lib: ctypes.CDLL, outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ScaleReduce of float32 partials outs [T, H, D] / lses [T, H] (validated by the caller)."""
+    outs = [o.contiguous() for o in outs]
+    lses = [x.contiguous() for x in lses]
+    out, lse = torch.empty_like(outs[0]), torch.empty_like(lses[0])
+    pointers = ctypes.c_int64 * len(outs)
+    lib.scale_reduce(pointers(*(o.data_ptr() for o in outs)), pointers(*(x.data_ptr() for x in lses)), len(outs),
+                     lse.numel(), out.shape[-1], out.data_ptr(), lse.data_ptr())
+    return out, lse
+
+
 @functools.cache
 def _load() -> Optional[ctypes.CDLL]:
     try:
@@ -89,6 +101,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.paged_attention_supports.argtypes = [_I, _I, _I, _I]
     lib.paged_attention.restype = ctypes.c_int
     lib.paged_attention.argtypes = [_P, _I, _P, _P] + [_P] * 6 + [_I] * 6 + [ctypes.c_float, _P, _P, ctypes.c_int]
+    lib.scale_reduce.restype = None
+    lib.scale_reduce.argtypes = [_P, _P, _I, _I, _I, _P, _P]
     return lib
 
 

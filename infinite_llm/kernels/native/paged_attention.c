@@ -321,3 +321,27 @@ int paged_attention(const float *q, int64_t q_stride_t, const float *k_cache, co
     free(items), free(part_offset), free(num_parts), free(partials);
     return rc;
 }
+
+/* ScaleReduce of P partials of the same rows: outs[p] [rows, D] and lses[p] [rows] (float32,
+ * contiguous, given by address). out = sum_p exp(lse_p - lse) out_p, lse = logsumexp_p lse_p;
+ * rows no partial saw get 0 and -inf. One pass over the partials instead of a dozen torch ops
+ * (which cost more than the arithmetic for a decode step's few rows). */
+void scale_reduce(const int64_t *out_ptrs, const int64_t *lse_ptrs, int64_t P, int64_t rows, int64_t D,
+                  float *out, float *lse) {
+    for (int64_t r = 0; r < rows; r++) {
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t p = 0; p < P; p++) m = fmaxf(m, ((const float *)lse_ptrs[p])[r]);
+        float *o = out + r * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        if (m == -INFINITY) {
+            lse[r] = -INFINITY;
+            continue;
+        }
+        for (int64_t p = 0; p < P; p++) l += expf(((const float *)lse_ptrs[p])[r] - m);
+        for (int64_t p = 0; p < P; p++) {
+            const float w = expf(((const float *)lse_ptrs[p])[r] - m) / l, *src = (const float *)out_ptrs[p] + r * D;
+            for (int64_t d = 0; d < D; d++) o[d] += w * src[d];
+        }
+        lse[r] = m + logf(l);
+    }
+}
