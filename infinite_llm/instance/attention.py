@@ -245,9 +245,11 @@ class StepAttention:
 
     def _ship(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for holder, part in self.layout.remote.items():
+            # All rows (a lone split request): the step's own tensors, no copy. Nothing writes
+            # them after this; in process the holder reads them, across processes they are sent.
             self.send(holder, AttnQuery(
                 home=self.rank, step=self.step, layer=layer, seqs=part.seqs,
-                q=q[part.q_rows], k=k[part.kv_rows], v=v[part.kv_rows],
+                q=self._take(q, part.q_rows), k=self._take(k, part.kv_rows), v=self._take(v, part.kv_rows),
             ))
 
     def _take(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
