@@ -13,6 +13,10 @@ matmuls + softmax it replaced made several passes over the score matrix (measure
 The G query heads sharing a KV head become G x Q rows of one attention call, so GQA needs no
 repeated K/V. Gathered blocks land in a per-thread workspace reused across layers and steps:
 a fresh multi-MB tensor per layer was measured to cost more in page faults than the gather.
+
+Sequences with at most `_NATIVE_MAX_QUERIES` queries (decode) skip all that when the native
+kernel is built (`native_attention.py`): memory-bound, they gain most from reading the blocks
+where they lie, and the plan just hands it their index tensors.
 """
 
 from __future__ import annotations

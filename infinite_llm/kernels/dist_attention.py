@@ -10,8 +10,10 @@ over disjoint block subsets into exactly the monolithic result:
 CPU implementation (`attention_plan.py`): sequences with a similar shape are padded into one
 batch; the KV axis is processed in chunks bounded in bytes (each chunk's blocks gathered into a
 reused, cache-resident buffer) through torch's fused flash-attention kernel, which returns the
-LSE, and merged with the same LSE algebra. The index work is a plan that a caller attending the
-same tables at every layer builds once per step. On CUDA, `micro_attention` dispatches to a
+LSE, and merged with the same LSE algebra; decode sequences (a few queries each) instead go to a
+C kernel that reads their blocks in place (`native_attention.py`), as does ScaleReduce when it
+is built. The index work is a plan that a caller attending the same tables at every layer builds
+once per step. On CUDA, `micro_attention` dispatches to a
 Triton kernel (`triton_attention.py`, imported lazily) with the same semantics.
 """
 
