@@ -112,30 +112,35 @@ def decode_run(engine: LLMEngine, args: argparse.Namespace, request_id: str) -> 
 def split_vs_local(args: argparse.Namespace) -> tuple[float, float]:
     """Median inter-token times (local on one instance, split over 2), alternating rounds.
 
-    Each engine runs with the torch thread count its cluster chose for itself (a 2-instance
-    in-process cluster gives each instance its share of the cores); the setting is process-wide,
-    so it is put back before each run, else the engine built last would set it for both."""
+    Each round builds its engine, runs it alone in the process and shuts it down: an idle second
+    engine's threads were measured to slow a 2-thread engine's decode 1.7x. Each engine runs
+    with the torch thread count its own cluster chooses (a 2-instance in-process cluster gives
+    each instance its share of the cores; one instance keeps the process default), which is
+    process-wide, so the default is put back before each build."""
     import torch
 
     need = -(-(args.context + args.decode_steps + 1) // args.block_size)
-    local = make_engine(args, 1, need + 2)
-    threads = {"local": torch.get_num_threads()}
-    # The home holds about half the blocks, the rest is borrowed from instance 1.
-    split = make_engine(args, 2, need // 2 + 1, lend_fraction=1.0)
-    threads["split"] = torch.get_num_threads()
+    default_threads = torch.get_num_threads()
+    builders = {
+        "local": lambda: make_engine(args, 1, need + 2),
+        # The home holds about half the blocks, the rest is borrowed from instance 1.
+        "split": lambda: make_engine(args, 2, need // 2 + 1, lend_fraction=1.0),
+    }
     times: dict[str, list[float]] = {"local": [], "split": []}
-    try:
-        for rnd in range(args.repeats):
-            order = [("local", local), ("split", split)]
-            for name, engine in order if rnd % 2 == 0 else reversed(order):
-                torch.set_num_threads(threads[name])
+    for rnd in range(args.repeats):
+        names = ["local", "split"] if rnd % 2 == 0 else ["split", "local"]
+        for name in names:
+            torch.set_num_threads(default_threads)
+            engine = builders[name]()
+            try:
                 run = decode_run(engine, args, f"{name}-{rnd}")
-                times[name].extend(run.inter_token_s)
-                print(f"  round {rnd} {name} ({threads[name]} torch threads): {run.blocks} blocks, {run.away} away from home, "
-                      f"migrated {run.migrated}, median inter-token {statistics.median(run.inter_token_s) * 1e3:.2f} ms")
-    finally:
-        local.shutdown()
-        split.shutdown()
+            finally:
+                engine.shutdown()
+            times[name].extend(run.inter_token_s)
+            print(f"  round {rnd} {name} ({torch.get_num_threads()} torch threads): {run.blocks} blocks, "
+                  f"{run.away} away from home, migrated {run.migrated}, "
+                  f"median inter-token {statistics.median(run.inter_token_s) * 1e3:.2f} ms")
+    torch.set_num_threads(default_threads)
     return statistics.median(times["local"]), statistics.median(times["split"])
 
 
