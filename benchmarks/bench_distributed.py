@@ -121,6 +121,7 @@ def split_vs_local(args: argparse.Namespace) -> tuple[float, float]:
 
     need = -(-(args.context + args.decode_steps + 1) // args.block_size)
     default_threads = torch.get_num_threads()
+    warm_args = argparse.Namespace(**{**vars(args), "context": min(args.context, 1024), "decode_steps": 8})
     builders = {
         "local": lambda: make_engine(args, 1, need + 2),
         # The home holds about half the blocks, the rest is borrowed from instance 1.
@@ -133,6 +134,9 @@ def split_vs_local(args: argparse.Namespace) -> tuple[float, float]:
             torch.set_num_threads(default_threads)
             engine = builders[name]()
             try:
+                # Untimed: the first run of an engine (above all the process's first) was measured
+                # up to 1.5x slower than the next.
+                decode_run(engine, warm_args, f"warm-{name}-{rnd}")
                 run = decode_run(engine, args, f"{name}-{rnd}")
             finally:
                 engine.shutdown()

@@ -80,6 +80,7 @@ class _NativeCall:
     """The sequences the native kernel serves, with the index tensors it reads (int64, contiguous)."""
 
     lib: ctypes.CDLL
+    seqs: list[int]
     index: tuple[torch.Tensor, ...]  # row_start [S'], row_count [S'], q_positions [T], tables, starts, lens
     num_rows: int
 
@@ -114,9 +115,9 @@ def plan_micro_attention(
     cu = cu_seqlens_q.to(torch.int64)
     num_q = (cu[1:] - cu[:-1]).tolist()
     num_blocks = (block_lens > 0).sum(dim=1).tolist()
-    native_seqs = _native_sequences(q, k_cache, num_q, num_blocks, shape)
-    native = _plan_native(native_seqs, cu, q_positions, block_tables, block_starts, block_lens, num_q)
-    for s in native_seqs:
+    native = _plan_native(q, k_cache, cu, q_positions, block_tables, block_starts, block_lens, num_q, num_blocks,
+                          shape)
+    for s in native.seqs if native is not None else []:
         num_q[s] = 0  # not grouped below
     groups = _plan_groups(cu, q_positions, num_q, num_blocks, block_tables, block_starts, block_lens, shape)
     identity = (
@@ -140,23 +141,17 @@ def _plan_groups(cu: torch.Tensor, q_positions: torch.Tensor, num_q: list[int], 
     ]
 
 
-def _native_sequences(q: torch.Tensor, k_cache: torch.Tensor, num_q: list[int], num_blocks: list[int],
-                      shape: MicroAttentionInputs) -> list[int]:
-    """The sequences with work that the native kernel takes (none if it is not built here)."""
+def _plan_native(q: torch.Tensor, k_cache: torch.Tensor, cu: torch.Tensor, q_positions: torch.Tensor,
+                 tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, num_q: list[int],
+                 num_blocks: list[int], shape: MicroAttentionInputs) -> Optional[_NativeCall]:
+    """The native kernel's share: sequences with work and few queries (none if it is not built)."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
-        return []
+        return None
     lib = native_attention.library()
-    if lib is None or not native_attention.supports(
-        lib, _NATIVE_MAX_QUERIES, shape.num_q_heads, shape.num_kv_heads, shape.head_dim
-    ):
-        return []
-    return [s for s, (n, b) in enumerate(zip(num_q, num_blocks)) if 0 < n <= _NATIVE_MAX_QUERIES and b > 0]
-
-
-def _plan_native(seqs: list[int], cu: torch.Tensor, q_positions: torch.Tensor, tables: torch.Tensor,
-                 starts: torch.Tensor, lens: torch.Tensor, num_q: list[int]) -> Optional[_NativeCall]:
-    lib = native_attention.library()
-    if not seqs or lib is None:
+    if lib is None or not native_attention.supports(lib, shape.num_q_heads, shape.num_kv_heads, shape.head_dim):
+        return None
+    seqs = [s for s, (n, b) in enumerate(zip(num_q, num_blocks)) if 0 < n <= _NATIVE_MAX_QUERIES and b > 0]
+    if not seqs:
         return None
     idx = torch.tensor(seqs, dtype=torch.int64)
     long = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
@@ -164,7 +159,7 @@ def _plan_native(seqs: list[int], cu: torch.Tensor, q_positions: torch.Tensor, t
     # Padding entries (len 0) keep whatever id they hold: the kernel never reads their blocks.
     index = (long(cu[idx]), torch.tensor(counts, dtype=torch.int64), long(q_positions),
              long(tables[idx]), long(starts[idx]), long(lens[idx]))
-    return _NativeCall(lib, index, sum(counts))
+    return _NativeCall(lib, seqs, index, sum(counts))
 
 
 def _listed_blocks_first(tables: torch.Tensor, starts: torch.Tensor,
@@ -313,7 +308,8 @@ def run_micro_attention_plan(plan: MicroAttentionPlan, q: torch.Tensor, k_cache:
         return _attend_group(plan.groups[0], q, k_cache, v_cache, shape, scale)
     out_shape, lse_shape = (shape.num_tokens, shape.num_q_heads, shape.head_dim), (shape.num_tokens, shape.num_q_heads)
     if plan.native is not None and plan.native.num_rows == shape.num_tokens:  # every row written below
-        out, lse = torch.empty(out_shape, device=q.device), torch.empty(lse_shape, device=q.device)
+        out = torch.empty(out_shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     else:
         out = torch.zeros(out_shape, dtype=torch.float32, device=q.device)
         lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)

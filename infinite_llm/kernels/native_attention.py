@@ -56,8 +56,9 @@ def disabled() -> Iterator[None]:
         _enabled = before
 
 
-def supports(lib: ctypes.CDLL, max_queries: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    return bool(lib.paged_attention_supports(max_queries, num_q_heads, num_kv_heads, head_dim))
+def supports(lib: ctypes.CDLL, num_q_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel takes these head shapes (head dim a multiple of 8, up to 256)."""
+    return bool(lib.paged_attention_supports(num_q_heads, num_kv_heads, head_dim))
 
 
 def paged_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -66,15 +67,19 @@ def paged_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_
 
     index = (row_start [S], row_count [S], q_positions [T], tables, starts, lens [S, B]), int64
     and contiguous; q float32 [T, Hq, D] with contiguous heads; caches float32 contiguous."""
-    row_start, row_count, qpos, tables, starts, lens = index
+    tables = index[3]
     t, hq, d = q.shape
-    if q.dtype != torch.float32 or q.stride()[1:] != (d, 1) or not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("the native kernel needs float32 q with contiguous heads and contiguous caches")
+    if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("the native kernel needs float32 q and contiguous float32 caches")
+    if q.stride()[1:] != (d, 1):  # rows may be strided (a view of the fused qkv), heads not
+        q = q.contiguous()
     rc = lib.paged_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
         *(x.data_ptr() for x in index), tables.shape[0], tables.shape[1], hq, k_cache.shape[2], d,
         k_cache.shape[1], scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
     )
+    if rc == -2:
+        raise MemoryError("the native attention kernel ran out of memory")
     if rc != 0:
         raise ValueError(f"the native kernel does not take these sizes (q {tuple(q.shape)}, k {tuple(k_cache.shape)})")
 
@@ -98,7 +103,7 @@ def _load() -> Optional[ctypes.CDLL]:
         logger.warning("native attention kernel unavailable (%s); using the torch path", exc)
         return None
     lib.paged_attention_supports.restype = ctypes.c_int
-    lib.paged_attention_supports.argtypes = [_I, _I, _I, _I]
+    lib.paged_attention_supports.argtypes = [_I, _I, _I]
     lib.paged_attention.restype = ctypes.c_int
     lib.paged_attention.argtypes = [_P, _I, _P, _P] + [_P] * 6 + [_I] * 6 + [ctypes.c_float, _P, _P, ctypes.c_int]
     lib.scale_reduce.restype = None

@@ -212,10 +212,12 @@ static void write_row(const Args *a, int64_t s, int64_t r, const float *acc, flo
     a->lse[t * a->Hq + head] = l > 0.0f ? m + logf(l) : -INFINITY;
 }
 
-/* Partial slot p: acc [rows][D] floats, then m [rows], l [rows]; `rows` of its sequence. */
-static void run_item(const Args *a, const Item *it, float *partials, const int64_t *part_offset) {
+/* Partial slot p: acc [rows][D] floats, then m [rows], l [rows]; `rows` of its sequence.
+ * Returns 0, or -1 if out of memory. */
+static int run_item(const Args *a, const Item *it, float *partials, const int64_t *part_offset) {
     const int64_t rows = a->row_count[it->s] * a->Hq, nd = a->D / W;
     void *buf = malloc(rows * (2 * nd * sizeof(vf) + 2 * sizeof(float) + sizeof(int64_t)) + sizeof(vf));
+    if (!buf) return -1;
     vf *aligned = (vf *)(((uintptr_t)buf + sizeof(vf) - 1) & ~(uintptr_t)(sizeof(vf) - 1));
     Rows st = {aligned, aligned + rows * nd, (float *)(aligned + 2 * rows * nd), 0, 0};
     st.l = st.m + rows;
@@ -231,6 +233,7 @@ static void run_item(const Args *a, const Item *it, float *partials, const int64
         memcpy(p + rows * a->D + rows, st.l, rows * sizeof(float));
     }
     free(buf);
+    return 0;
 }
 
 /* ScaleReduce of sequence s's partial slots [p0, p1) into its output rows. */
@@ -252,8 +255,8 @@ static void merge_parts(const Args *a, int64_t s, int64_t p0, int64_t p1, const 
 }
 
 /* Whether `paged_attention` takes these sizes (else the caller uses the torch path). */
-int paged_attention_supports(int64_t max_queries, int64_t Hq, int64_t Hkv, int64_t D) {
-    return Hkv > 0 && Hq % Hkv == 0 && max_queries >= 0 && D % W == 0 && D / W <= MAX_VECS;
+int paged_attention_supports(int64_t Hq, int64_t Hkv, int64_t D) {
+    return Hkv > 0 && Hq % Hkv == 0 && D % W == 0 && D / W <= MAX_VECS;
 }
 
 /* Splits each sequence's listed columns into parts, so that a batch of few long sequences still
@@ -296,7 +299,7 @@ int paged_attention(const float *q, int64_t q_stride_t, const float *k_cache, co
                     const int64_t *row_start, const int64_t *row_count, const int64_t *qpos, const int64_t *tables,
                     const int64_t *starts, const int64_t *lens, int64_t S, int64_t max_blocks, int64_t Hq,
                     int64_t Hkv, int64_t D, int64_t bs, float scale, float *out, float *lse, int nthreads) {
-    if (!paged_attention_supports(0, Hq, Hkv, D)) return -1;
+    if (!paged_attention_supports(Hq, Hkv, D)) return -1;
     const Args a = {q, k_cache, v_cache, row_start, row_count, qpos, tables, starts, lens, q_stride_t, max_blocks,
                     Hq, Hkv, D, bs, scale, out, lse};
     const int64_t max_items = S * (max_blocks / MIN_PART_BLOCKS + 1);
@@ -306,18 +309,24 @@ int paged_attention(const float *q, int64_t q_stride_t, const float *k_cache, co
     const int64_t n = items && part_offset && num_parts
                           ? plan_items(&a, S, nthreads, items, part_offset, num_parts, &partials_len) : -1;
     float *partials = n >= 0 ? malloc((partials_len + 1) * sizeof(float)) : 0;
+    int failed = !partials;
     if (partials) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int64_t i = 0; i < n; i++) run_item(&a, &items[i], partials, part_offset);
+        for (int64_t i = 0; i < n; i++)
+            if (run_item(&a, &items[i], partials, part_offset) != 0) {
+#pragma omp atomic write
+                failed = 1;
+            }
         float *acc = malloc(D * sizeof(float));
-        for (int64_t s = 0, p = 0; acc && s < S; s++) /* few split sequences: serial is enough */
+        failed |= !acc;
+        for (int64_t s = 0, p = 0; !failed && s < S; s++) /* few split sequences: serial is enough */
             if (num_parts[s] > 1) {
                 merge_parts(&a, s, p, p + num_parts[s], partials, part_offset, acc);
                 p += num_parts[s];
             }
         free(acc);
     }
-    const int rc = partials ? 0 : -2;
+    const int rc = failed ? -2 : 0;
     free(items), free(part_offset), free(num_parts), free(partials);
     return rc;
 }
