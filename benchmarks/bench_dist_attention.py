@@ -12,7 +12,9 @@ Measured side by side in one run, medians of several repetitions:
    Next to it, torch's `scaled_dot_product_attention` on the same K/V stored contiguously
    ([S, Hkv, L, D], GQA) and the ratio MA/SDPA: the price of paging. On CPU MicroAttention is
    timed as the engine runs it per layer, with its plan (the index work, done once per step)
-   built beforehand; the plan's cost is printed too.
+   built beforehand; the plan's cost is printed too. There decode MA is the native kernel reading
+   the blocks in place (kernels/native_attention.py) when it could be built; the last column
+   times the torch path (gather the blocks, then torch's fused kernel) in the same rounds.
 2. The same decode split over 4 "instances" (the blocks dealt round-robin): the time of
    ScaleReduce merging the 4 partials, as a percentage of the 4 MicroAttention calls (the paper
    reports under 1%). The merged result is checked against one MicroAttention over all blocks.
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from infinite_llm.kernels import native_attention  # noqa: E402
 from infinite_llm.kernels.dist_attention import (  # noqa: E402
     micro_attention, plan_micro_attention, run_micro_attention_plan, scale_reduce,
 )
@@ -80,15 +83,19 @@ def decode_inputs(num_seqs: int, context: int, dtype: torch.dtype, device: str, 
 
 
 def ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device: str, repeats: int,
-               inner: int) -> tuple[float, float, float]:
-    """Median seconds of (MicroAttention, its plan, SDPA on contiguous K/V), alternating calls."""
+               inner: int) -> tuple[float, float, float, float]:
+    """Median seconds of (MicroAttention, its plan, SDPA on contiguous K/V, MicroAttention's torch
+    path), alternating calls; on CUDA the last is the first."""
     args = (q, k_cache, v_cache, cu, q_pos, tables, starts, lens)
     if device == "cuda":
-        ma = lambda: micro_attention(*args)  # noqa: E731 - the Triton kernel reads the tables itself
+        ma = gather = lambda: micro_attention(*args)  # noqa: E731 - the Triton kernel reads the tables itself
         t_plan = 0.0
     else:
         plan = plan_micro_attention(*args)
+        with native_attention.disabled():
+            gather_plan = plan_micro_attention(*args)
         ma = lambda: run_micro_attention_plan(plan, q, k_cache, v_cache)  # noqa: E731
+        gather = lambda: run_micro_attention_plan(gather_plan, q, k_cache, v_cache)  # noqa: E731
         t_plan = timed(lambda: plan_micro_attention(*args), device, repeats)
     s, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -102,16 +109,16 @@ def ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device: str
     # SDPA runs without GQA): the faster of the two is the baseline.
     sdpa = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)[:, :, 0]  # noqa: E731
     rows = lambda: F.scaled_dot_product_attention(q.view(s, hkv, hq // hkv, d), k, v).reshape(s, hq, d)  # noqa: E731
-    times: dict[str, list[float]] = {"ma": [], "sdpa": [], "rows": []}
+    times: dict[str, list[float]] = {"ma": [], "sdpa": [], "rows": [], "gather": []}
     for _ in range(repeats):  # alternate, so that load changes hit all alike
-        for name, fn in (("ma", ma), ("sdpa", sdpa), ("rows", rows)):
+        for name, fn in (("ma", ma), ("sdpa", sdpa), ("rows", rows), ("gather", gather)):
             times[name].append(timed(fn, device, 1, inner))
-    out, _ = ma()
-    for ref in (sdpa(), rows()):
-        err = ((out - ref).norm() / ref.norm()).item()
-        assert err < 1e-4, f"MicroAttention differs from SDPA: relative error {err:.1e}"
+    for out, _ in (ma(), gather()):
+        for ref in (sdpa(), rows()):
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert err < 1e-4, f"MicroAttention differs from SDPA: relative error {err:.1e}"
     best = min(statistics.median(times["sdpa"]), statistics.median(times["rows"]))
-    return statistics.median(times["ma"]), t_plan, best
+    return statistics.median(times["ma"]), t_plan, best, statistics.median(times["gather"])
 
 
 def split_round_robin(tables, starts, lens, parts: int):
@@ -148,14 +155,15 @@ def main() -> None:
           f"Hq={HQ} Hkv={HKV} D={HEAD_DIM} block={BLOCK_SIZE}")
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s read (+ as much written)\n")
     header = (f"{'context':>8} {'seqs':>4} {'MA ms':>9} {'plan ms':>8} {'KV GB/s':>8} {'vs copy':>8} "
-              f"{'SDPA ms':>9} {'MA/SDPA':>8} {'4xMA ms':>9} {'SR ms':>8} {'SR/MA':>7} {'merge err':>9}")
+              f"{'SDPA ms':>9} {'MA/SDPA':>8} {'4xMA ms':>9} {'SR ms':>8} {'SR/MA':>7} {'merge err':>9} "
+              f"{'gather MA/SDPA':>14}")
     print(header)
     print("-" * len(header))
     for context, num_seqs in cases:
         q, k_cache, v_cache, cu, q_pos, tables, starts, lens = decode_inputs(num_seqs, context, dtype, device, gen)
         kv_bytes = 2 * num_seqs * context * HKV * HEAD_DIM * k_cache.element_size()
         full = lambda: micro_attention(q, k_cache, v_cache, cu, q_pos, tables, starts, lens)  # noqa: E731
-        t_full, t_plan, t_sdpa = ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device, repeats, inner)
+        t_full, t_plan, t_sdpa, t_gather = ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device, repeats, inner)
 
         splits = split_round_robin(tables, starts, lens, args.partials)
         partial_calls = [
@@ -173,7 +181,7 @@ def main() -> None:
         print(f"{context:>8} {num_seqs:>4} {t_full * 1e3:>9.3f} {t_plan * 1e3:>8.3f} {kv_bytes / t_full / 1e9:>8.1f} "
               f"{kv_bytes / t_full / bandwidth:>8.2f} {t_sdpa * 1e3:>9.3f} {t_full / t_sdpa:>8.2f} "
               f"{t_partials * 1e3:>9.3f} {t_reduce * 1e3:>8.4f} "
-              f"{100 * t_reduce / t_partials:>6.2f}% {err:>9.1e}")
+              f"{100 * t_reduce / t_partials:>6.2f}% {err:>9.1e} {t_gather / t_sdpa:>14.2f}")
         del q, k_cache, v_cache, partials, outs, lses, merged, ref
         if device == "cuda":
             torch.cuda.empty_cache()

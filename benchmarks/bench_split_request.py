@@ -6,8 +6,11 @@ one-instance engine, at 1K / 4K / 16K tokens of context, measured side by side i
 For each context, a one-instance engine with room for the request (the baseline: all KV local,
 no peer to talk to) and a 2-instance engine whose per-instance budget is cut so that about half
 of the request's blocks are borrowed from the other instance. The two alternate for --repeats
-rounds; printed: median inter-token time of each and their ratio split/local (the cost of
-shipping queries + ScaleReduce). Issue 15's goals: <= 1.5 at 1K, <= 1.2 at 4K.
+rounds, each engine built for its round, warmed up and alone in the process; the split engine
+with the torch threads its cluster chooses (2 instances in one process split the cores), the
+baseline the faster of a default-thread and a one-thread run (see `split_vs_local`). Printed:
+median inter-token time of each and their ratio split/local (the cost of shipping queries +
+ScaleReduce). Issue 15's goals: <= 1.5 at 1K, <= 1.2 at 4K.
 """
 
 from __future__ import annotations

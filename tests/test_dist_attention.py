@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import infinite_llm.kernels.attention_plan as plan_module
-from infinite_llm.kernels.dist_attention import micro_attention, micro_attention_torch, scale_reduce
+from infinite_llm.kernels import native_attention
+from infinite_llm.kernels.dist_attention import micro_attention, micro_attention_torch, plan_micro_attention, scale_reduce
 
 FP32_TOL = 1e-5
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -172,6 +173,71 @@ def check_against_reference(work, dtype: torch.dtype, attention=micro_attention)
 @given(workloads())
 def test_distributed_equals_monolithic_fp32(work):
     check_against_reference(work, torch.float32)
+
+
+@HYPOTHESIS
+@given(workloads())
+def test_torch_path_equals_monolithic_fp32(work):
+    """The same with the native decode kernel off (machines without a C compiler run this path)."""
+    with native_attention.disabled():
+        check_against_reference(work, torch.float32)
+
+
+def _native_or_skip():
+    if native_attention.library() is None:
+        pytest.skip("the native kernel is not built here (no C compiler?)")
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("hkv,g,d", [(4, 3, 64), (2, 4, 128), (1, 8, 32), (2, 2, 40)])
+def test_native_decode_equals_monolithic(threads, hkv, g, d):
+    """Decode rows go to the native kernel; with several threads a long sequence's blocks are
+    split into parts merged inside the kernel, with one they are not: both exact."""
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(threads * 100 + d)
+    bs = 16
+    seqs = [make_seq(gen, hkv * g, hkv, d, bs, ctx, nq, fut, torch.float32)
+            for ctx, nq, fut in [(1500, 1, 0), (37, 1, 5), (300, 4, 0), (1, 1, 0), (200, 40, 0)]]
+    inst = distribute(gen, seqs, 1, hkv, d, bs, torch.float32)[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = call_inputs(seqs, inst, torch.float32)
+        plan = plan_micro_attention(*args)
+        out, lse = micro_attention(*args)
+    finally:
+        torch.set_num_threads(before)
+    assert plan.native is not None and plan.native.num_rows == 1 + 1 + 4 + 1  # the 40-query chunk is not native
+    row = 0
+    for seq in seqs:
+        ref_out, ref_lse = reference(seq, d ** -0.5)
+        n = len(seq.q)
+        assert rel_err(out[row:row + n], ref_out) <= FP32_TOL
+        assert rel_err(lse[row:row + n], ref_lse) <= FP32_TOL
+        row += n
+
+
+def test_native_ignores_slots_no_query_sees():
+    """NaN in slots past a block's length, in keys after every query, and in padding entries'
+    blocks must not reach the output (the kernel masks scores and never reads those values)."""
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(4)
+    k_cache = torch.randn(6, 16, 2, 32, generator=gen)
+    v_cache = torch.randn(6, 16, 2, 32, generator=gen)
+    q = torch.randn(2, 4, 32, generator=gen)
+    tables, starts = torch.tensor([[3, 1, 5], [2, 0, 0]]), torch.tensor([[0, 16, 0], [0, 0, 0]])
+    lens = torch.tensor([[16, 9, 0], [7, 0, 0]])
+    args = (q, k_cache, v_cache, torch.tensor([0, 1, 2]), torch.tensor([20, 6]), tables, starts, lens)
+    with native_attention.disabled():
+        ref_out, ref_lse = micro_attention(*args)
+    k_cache[1, 9:], v_cache[1, 9:] = float("nan"), float("nan")  # past block 1's length
+    k_cache[1, 5:], v_cache[1, 5:] = float("nan"), float("nan")  # positions 21.. (query 0 is at 20)
+    k_cache[2, 7:], v_cache[2, 7:] = float("nan"), float("nan")
+    k_cache[5], v_cache[5], k_cache[0], v_cache[0] = (torch.full((16, 2, 32), float("nan")),) * 4  # padding
+    assert plan_micro_attention(*args).native is not None
+    out, lse = micro_attention(*args)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
 
 
 @HYPOTHESIS

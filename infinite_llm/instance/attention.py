@@ -29,7 +29,7 @@ from infinite_llm.control.plan import SeqWork
 from infinite_llm.control.rmanager import RManager
 from infinite_llm.instance.kv_cache import PagedKVCache
 from infinite_llm.kernels.dist_attention import (
-    MicroAttentionPlan, micro_attention, plan_micro_attention, run_micro_attention_plan, scale_reduce,
+    MicroAttentionPlan, merge_partials, micro_attention, plan_micro_attention, run_micro_attention_plan,
 )
 
 
@@ -240,14 +240,16 @@ class StepAttention:
             out, lse = self._scatter(part.q_rows, partial.out.to(q.device), partial.lse.to(q.device))
             outs.append(out)
             lses.append(lse)
-        merged, _ = scale_reduce(outs, lses)
+        merged, _ = merge_partials(outs, lses)
         return merged.to(q.dtype)
 
     def _ship(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for holder, part in self.layout.remote.items():
+            # All rows (a lone split request): the step's own tensors, no copy. Nothing writes
+            # them after this; in process the holder reads them, across processes they are sent.
             self.send(holder, AttnQuery(
                 home=self.rank, step=self.step, layer=layer, seqs=part.seqs,
-                q=q[part.q_rows], k=k[part.kv_rows], v=v[part.kv_rows],
+                q=self._take(q, part.q_rows), k=self._take(k, part.kv_rows), v=self._take(v, part.kv_rows),
             ))
 
     def _take(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,10 @@ class InstanceEngine:
         dtype = next(model.parameters()).dtype
         self.cache = PagedKVCache(model_config, cache_cfg, dtype, self.device)
         self.mailbox = PartialMailbox(on_wait=self._tick)
+        # In process, a holder's reply goes straight into the mailbox the step thread waits on
+        # (one thread wake-up per layer instead of two); the pump's fence on dead senders is
+        # kept. Elsewhere replies come through the pump (`_pump` handles them too).
+        endpoint.handle_inline(m.AttnPartial, self._on_partial)
         self.runner = ModelRunner(rank, model, model_config, self.cache, self.device, endpoint.send,
                                   self.mailbox, seed=config.seed, attention_timeout_s=cluster.attention_timeout_s)
         self.guests = GuestAttention(rank, self.rm, self.lock, self.cache, self.device)
@@ -306,7 +310,7 @@ class InstanceEngine:
     # ------------------------------------------------------------------ message pump
     def _pump(self) -> None:
         handlers = {
-            m.AttnQuery: self._on_attn_query, m.AttnPartial: self.mailbox.put,
+            m.AttnQuery: self._on_attn_query, m.AttnPartial: self._on_partial,
             m.BorrowRequest: self._on_borrow, m.BorrowReply: self._on_reply, m.CreditorReply: self._on_reply,
             m.ReleaseBlocks: self._on_release, m.AttachBlock: self._on_attach,
             m.CopyBlock: self._on_copy_block, m.BlockData: self._on_block_data,
@@ -354,6 +358,10 @@ class InstanceEngine:
                 call.done.set()  # reply None: refused
         self._inbound.append(down)
         self._wake.set()
+
+    def _on_partial(self, partial: m.AttnPartial) -> None:
+        if partial.holder not in self.dead:
+            self.mailbox.put(partial)
 
     def _on_attn_query(self, query: m.AttnQuery) -> None:
         self.endpoint.send(query.home, self.guests.serve(query))

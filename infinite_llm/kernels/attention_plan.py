@@ -13,16 +13,22 @@ matmuls + softmax it replaced made several passes over the score matrix (measure
 The G query heads sharing a KV head become G x Q rows of one attention call, so GQA needs no
 repeated K/V. Gathered blocks land in a per-thread workspace reused across layers and steps:
 a fresh multi-MB tensor per layer was measured to cost more in page faults than the gather.
+
+Sequences with at most `_NATIVE_MAX_QUERIES` queries (decode) skip all that when the native
+kernel is built (`native_attention.py`): memory-bound, they gain most from reading the blocks
+where they lie, and the plan just hands it their index tensors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from infinite_llm.kernels import native_attention
 from infinite_llm.kernels.attention_inputs import MicroAttentionInputs, validate_inputs
 
 # Gathered K (or V) elements per KV chunk (8 MiB in float32). Measured on 2 cores: smaller
@@ -38,6 +44,9 @@ _MASK_CHUNK_ELEMS = 1 << 21
 # would cost unpadded before it is split: below that, one more call costs more in per-call
 # overhead than the padding wastes.
 _GROUP_SLACK_PAIRS = 1 << 14
+# Sequences with at most this many queries (decode) go to the native kernel when it is built:
+# it reads their blocks in place, but computes row by row, so it is for memory-bound calls only.
+_NATIVE_MAX_QUERIES = 4
 
 _workspace = threading.local()  # per thread: instances in one process step on their own threads
 
@@ -67,12 +76,23 @@ class _Group:
 
 
 @dataclass
+class _NativeCall:
+    """The sequences the native kernel serves, with the index tensors it reads (int64, contiguous)."""
+
+    lib: ctypes.CDLL
+    seqs: list[int]
+    index: tuple[torch.Tensor, ...]  # row_start [S'], row_count [S'], q_positions [T], tables, starts, lens
+    num_rows: int
+
+
+@dataclass
 class MicroAttentionPlan:
     """What `micro_attention` derives from its index tensors, for every layer of a step."""
 
     shape: MicroAttentionInputs
     groups: list[_Group]
     identity: bool  # one group, all rows real and in order: its result is the output as is
+    native: Optional[_NativeCall] = None
 
 
 def plan_micro_attention(
@@ -93,19 +113,53 @@ def plan_micro_attention(
     if shape.num_tokens == 0 or shape.num_seqs == 0 or shape.max_blocks == 0:
         return MicroAttentionPlan(shape, [], False)
     cu = cu_seqlens_q.to(torch.int64)
-    tables, starts, lens = _listed_blocks_first(block_tables, block_starts, block_lens)
     num_q = (cu[1:] - cu[:-1]).tolist()
-    num_blocks = (lens > 0).sum(dim=1).tolist()
-    max_group = max(1, _KV_CHUNK_ELEMS // (_MIN_CHUNK_SLOTS * shape.num_kv_heads * shape.head_dim))
-    groups = [
-        _plan_group(group, cu, q_positions.to(torch.int64), num_q, num_blocks, tables, starts, lens, shape)
-        for group in _group_sequences(num_q, num_blocks, shape.block_size, max_group)
-    ]
+    num_blocks = (block_lens > 0).sum(dim=1).tolist()
+    native = _plan_native(q, k_cache, cu, q_positions, block_tables, block_starts, block_lens, num_q, num_blocks,
+                          shape)
+    for s in native.seqs if native is not None else []:
+        num_q[s] = 0  # not grouped below
+    groups = _plan_groups(cu, q_positions, num_q, num_blocks, block_tables, block_starts, block_lens, shape)
     identity = (
         len(groups) == 1 and groups[0].real is None and groups[0].rows.numel() == shape.num_tokens
         and bool((groups[0].dest == torch.arange(shape.num_tokens, device=q.device)).all())
     )
-    return MicroAttentionPlan(shape, groups, identity)
+    return MicroAttentionPlan(shape, groups, identity, native)
+
+
+def _plan_groups(cu: torch.Tensor, q_positions: torch.Tensor, num_q: list[int], num_blocks: list[int],
+                 tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor,
+                 shape: MicroAttentionInputs) -> list[_Group]:
+    """The torch path's padded batches, for the sequences with num_q > 0."""
+    if not any(num_q):
+        return []
+    tables, starts, lens = _listed_blocks_first(tables, starts, lens)
+    max_group = max(1, _KV_CHUNK_ELEMS // (_MIN_CHUNK_SLOTS * shape.num_kv_heads * shape.head_dim))
+    return [
+        _plan_group(group, cu, q_positions.to(torch.int64), num_q, num_blocks, tables, starts, lens, shape)
+        for group in _group_sequences(num_q, num_blocks, shape.block_size, max_group)
+    ]
+
+
+def _plan_native(q: torch.Tensor, k_cache: torch.Tensor, cu: torch.Tensor, q_positions: torch.Tensor,
+                 tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, num_q: list[int],
+                 num_blocks: list[int], shape: MicroAttentionInputs) -> Optional[_NativeCall]:
+    """The native kernel's share: sequences with work and few queries (none if it is not built)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return None
+    lib = native_attention.library()
+    if lib is None or not native_attention.supports(lib, shape.num_q_heads, shape.num_kv_heads, shape.head_dim):
+        return None
+    seqs = [s for s, (n, b) in enumerate(zip(num_q, num_blocks)) if 0 < n <= _NATIVE_MAX_QUERIES and b > 0]
+    if not seqs:
+        return None
+    idx = torch.tensor(seqs, dtype=torch.int64)
+    long = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    counts = [num_q[s] for s in seqs]
+    # Padding entries (len 0) keep whatever id they hold: the kernel never reads their blocks.
+    index = (long(cu[idx]), torch.tensor(counts, dtype=torch.int64), long(q_positions),
+             long(tables[idx]), long(starts[idx]), long(lens[idx]))
+    return _NativeCall(lib, seqs, index, sum(counts))
 
 
 def _listed_blocks_first(tables: torch.Tensor, starts: torch.Tensor,
@@ -252,8 +306,15 @@ def run_micro_attention_plan(plan: MicroAttentionPlan, q: torch.Tensor, k_cache:
     scale = shape.head_dim ** -0.5 if scale is None else scale
     if plan.identity:
         return _attend_group(plan.groups[0], q, k_cache, v_cache, shape, scale)
-    out = torch.zeros(shape.num_tokens, shape.num_q_heads, shape.head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.full((shape.num_tokens, shape.num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    out_shape, lse_shape = (shape.num_tokens, shape.num_q_heads, shape.head_dim), (shape.num_tokens, shape.num_q_heads)
+    if plan.native is not None and plan.native.num_rows == shape.num_tokens:  # every row written below
+        out = torch.empty(out_shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    else:
+        out = torch.zeros(out_shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+    if plan.native is not None:
+        native_attention.paged_attention(plan.native.lib, q, k_cache, v_cache, plan.native.index, scale, out, lse)
     for group in plan.groups:
         g_out, g_lse = _attend_group(group, q, k_cache, v_cache, shape, scale)
         if group.real is not None:

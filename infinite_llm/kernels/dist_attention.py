@@ -10,8 +10,10 @@ over disjoint block subsets into exactly the monolithic result:
 CPU implementation (`attention_plan.py`): sequences with a similar shape are padded into one
 batch; the KV axis is processed in chunks bounded in bytes (each chunk's blocks gathered into a
 reused, cache-resident buffer) through torch's fused flash-attention kernel, which returns the
-LSE, and merged with the same LSE algebra. The index work is a plan that a caller attending the
-same tables at every layer builds once per step. On CUDA, `micro_attention` dispatches to a
+LSE, and merged with the same LSE algebra; decode sequences (a few queries each) instead go to a
+C kernel that reads their blocks in place (`native_attention.py`), as does ScaleReduce when it
+is built. The index work is a plan that a caller attending the same tables at every layer builds
+once per step. On CUDA, `micro_attention` dispatches to a
 Triton kernel (`triton_attention.py`, imported lazily) with the same semantics.
 """
 
@@ -22,12 +24,13 @@ from typing import Sequence
 
 import torch
 
+from infinite_llm.kernels import native_attention
 from infinite_llm.kernels.attention_inputs import MicroAttentionInputs, validate_inputs
 from infinite_llm.kernels.attention_plan import MicroAttentionPlan, plan_micro_attention, run_micro_attention_plan
 
 __all__ = [
     "micro_attention", "scale_reduce", "micro_attention_torch", "MicroAttentionInputs", "validate_inputs",
-    "MicroAttentionPlan", "plan_micro_attention", "run_micro_attention_plan",
+    "MicroAttentionPlan", "plan_micro_attention", "run_micro_attention_plan", "merge_partials",
 ]
 
 def micro_attention(
@@ -118,6 +121,9 @@ def scale_reduce(
         from infinite_llm.kernels.triton_attention import triton_scale_reduce
 
         return triton_scale_reduce(out_stack, lse_stack)
+    lib = native_attention.library() if out_stack.device.type == "cpu" else None
+    if lib is not None:  # likewise on the CPU, where the ops' overhead outweighs a decode's few rows
+        return native_attention.scale_reduce(lib, list(out_stack), list(lse_stack))
     max_lse = lse_stack.amax(dim=0)
     max_safe = torch.where(torch.isinf(max_lse), torch.zeros_like(max_lse), max_lse)
     weights = torch.exp(lse_stack - max_safe)                    # [P, T, H]; -inf partials -> 0
@@ -130,6 +136,16 @@ def scale_reduce(
     for j in range(1, out_stack.shape[0]):
         out.addcmul_(out_stack[j], weights[j][..., None])
     return out, lse
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scale_reduce` of partials that MicroAttention made (float32, equal shapes, one device),
+    without its checks and copies: the per-layer merge of a split step."""
+    if len(outs) > 1 and outs[0].device.type == "cpu":
+        lib = native_attention.library()
+        if lib is not None:
+            return native_attention.scale_reduce(lib, outs, lses)
+    return scale_reduce(outs, lses)
 
 
 def _stack(name: str, parts: Sequence[torch.Tensor] | torch.Tensor, ndim: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ thread per pair issuing grouped `batch_isend_irecv`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Hashable, Optional
+from typing import Callable, Hashable, Optional
 
 Address = Hashable  # an instance id (int), "router" or "gmanager"
 
@@ -52,3 +52,10 @@ class Endpoint(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop receiving; a thread blocked in recv() gets TransportClosed."""
+
+    def handle_inline(self, message_type: type, handler: Callable[[object], None]) -> bool:
+        """Ask for messages of `message_type` to this endpoint to be handed to `handler` on the
+        sender's thread, skipping the queue and the receiving pump's wake-up (a split step's
+        per-layer reply). Such messages are not ordered with the queued ones; `handler` must be
+        thread-safe. Returns whether the transport does it; if not, they come through recv."""
+        return False

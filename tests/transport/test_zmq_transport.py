@@ -282,6 +282,24 @@ def test_local_passes_by_reference():
     assert dst.recv(timeout=1) is message
 
 
+def test_local_inline_handler_takes_its_type_on_the_senders_thread():
+    src, dst = _local_endpoints(["src", "dst"])
+    seen: list[tuple[object, str]] = []
+    assert dst.handle_inline(int, lambda message: seen.append((message, threading.current_thread().name)))
+    src.send("dst", 7)
+    src.send("dst", "queued")
+    assert seen == [(7, threading.current_thread().name)]  # handled at send, not queued
+    assert dst.recv(timeout=1) == "queued" and dst.recv(timeout=0.01) is None
+
+
+def test_zmq_has_no_inline_handlers():
+    endpoint = ZmqEndpoint("inline")
+    try:
+        assert not endpoint.handle_inline(int, lambda message: None)
+    finally:
+        endpoint.close()
+
+
 # ---- ZeroMQ failure modes and wiring ---------------------------------------------------------
 
 
