@@ -98,8 +98,12 @@ def test_static_rejects_the_long_request_that_infinite_serves(tiny_comparison):
         assert max(served.mem_util_max) <= 1.0
 
 
-def test_the_attainable_bound_comes_from_the_request_only_infinite_served(tiny_comparison):
-    outcome = tiny_comparison[0]
+def test_the_attainable_bound_comes_from_the_request_only_infinite_served(tmp_path):
+    # The long request arrives last, so its arrival plus its time alone is the later floor.
+    trace = [TraceRequest(request_id="short-0", arrival_time_s=0.0, prompt_len=20, output_len=5),
+             TraceRequest(request_id="long-0", arrival_time_s=0.02, prompt_len=LONG_PROMPT, output_len=LONG_OUTPUT)]
+    outcome = compare_policies(tiny_config(), trace, ["static", "infinite"], seed=3, output_dir=tmp_path,
+                               name="bound", equal_work=False)
     bound = outcome["attainable"]
     assert bound.policy == "infinite" and bound.request_id == "long-0"
     assert bound.solo_s > 0 and bound.floor_s >= bound.arrival_s + bound.solo_s

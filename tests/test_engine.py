@@ -334,3 +334,33 @@ def test_a_request_that_fits_one_instance_reclaims_blocks_lent_to_one_that_does_
     assert final["long"].num_preemptions >= 1  # it gave the blocks back
     assert final["short"].first_token_time < final["long"].finished_time  # short did not wait for long
     assert_all_free(llm)
+
+
+def test_a_starving_long_request_holds_its_peers_admissions_and_then_runs(llama_checkpoint, engines, monkeypatch):
+    """A request larger than an instance that another was admitted past (here once is enough)
+    starves: the home tells its peer (AdmissionHold), the peer holds its admissions until the
+    long request runs, then lets them go; every output stays exact and nothing leaks."""
+    from infinite_llm.control.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "STARVATION_PASSES", 1)
+    llm = engines(llama_checkpoint, instances=2, blocks=12, debug_step_delay_s={0: 0.01, 1: 0.01})
+    peer_holds: list[tuple[int, str, bool]] = []
+    peer = llm.engine.cluster.instances[1].scheduler
+    set_peer_hold = peer.set_peer_hold
+    monkeypatch.setattr(peer, "set_peer_hold", lambda h, r, on: (peer_holds.append((h, r, on)), set_peer_hold(h, r, on)))
+    engine = llm.engine
+    busy, long, short, on_peer = prompts(41, [60, 150, 20, 20])
+    params = {"busy": 24, "long": 6, "short": 6, "on_peer": 6}
+    engine.add_request("busy", busy, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), home=0)
+    outputs: list = []
+    _wait_first_token(engine, "busy", outputs)  # 8 of home 0's 12 blocks
+    engine.add_request("long", long, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), home=0)
+    engine.add_request("short", short, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), home=0)
+    engine.add_request("on_peer", on_peer, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), home=1)
+    final = {o.request_id: o for o in outputs if o.finished}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    for rid, prompt in (("busy", busy), ("long", long), ("short", short), ("on_peer", on_peer)):
+        assert final[rid].output_token_ids == hf_greedy(llama_checkpoint, prompt, params[rid]), rid
+    assert peer_holds == [(0, "long", True), (0, "long", False)]
+    assert_all_free(llm)

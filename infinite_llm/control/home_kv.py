@@ -185,8 +185,10 @@ class HomeKV:
         )
 
     # --------------------------------------------------------------- allocation
-    def allocate(self, request_id: str, total_tokens: int) -> bool:
-        """Grow the request's table to cover `total_tokens`: all the blocks or none."""
+    def allocate(self, request_id: str, total_tokens: int, yielding: bool = True) -> bool:
+        """Grow the request's table to cover `total_tokens`: all the blocks or none. A request
+        larger than one instance that no longer yields (it starved) is admitted without the
+        holders' headroom, and its borrowed blocks cannot be reclaimed."""
         need = self.num_blocks_needed(request_id, total_tokens)
         if need == 0:
             return True
@@ -194,14 +196,15 @@ class HomeKV:
         if self.placement == "striped" and self.num_instances > 1:
             refs = self._allocate_striped(request_id, start, need)
         else:
-            refs = self._allocate_home_first(request_id, start, need)
+            refs = self._allocate_home_first(request_id, start, need, yielding)
         if refs is None:
             return False
         self._tables.setdefault(request_id, []).extend(refs)
         self._counts.setdefault(request_id, Counter()).update(r.instance for r in refs)
         return True
 
-    def _allocate_home_first(self, request_id: str, start: int, need: int) -> Optional[list[BlockRef]]:
+    def _allocate_home_first(self, request_id: str, start: int, need: int,
+                             yielding: bool = True) -> Optional[list[BlockRef]]:
         with self.lock:
             free = self.rm.num_free
             if need <= free:
@@ -210,9 +213,10 @@ class HomeKV:
             return None
         assert self.peers is not None
         creditors = [(c, n) for c, n in self.peers.creditors(need - free) if c != self.home and n > 0]
-        yields = self.spans_instances((start + need) * self.block_size)
-        if self.placement == "infinite" and yields:
-            return self._allocate_level(request_id, start, need, free, creditors)
+        spans = self.spans_instances((start + need) * self.block_size)
+        yields = spans and yielding
+        if self.placement == "infinite" and spans:
+            return self._allocate_level(request_id, start, need, free, creditors, yields)
         with self.lock:
             refs = self.rm.allocate_local(request_id, min(free, self.rm.num_free)) or []
         for creditor, lendable in creditors:
@@ -225,14 +229,14 @@ class HomeKV:
         return refs
 
     def _allocate_level(self, request_id: str, start: int, need: int, free: int,
-                        creditors: list[tuple[int, int]]) -> Optional[list[BlockRef]]:
+                        creditors: list[tuple[int, int]], yields: bool = True) -> Optional[list[BlockRef]]:
         """Water-fill the blocks over the home's free room and the creditors' lendable room, so
         that no holder (the home included) holds much more of the request than the others. A
         creditor may refuse (the gManager's view lags): its share falls to the home's leftover
         room, then to what the others said they could lend beyond their share; if still short,
         all goes back."""
         room = [free] + [n for _, n in creditors]
-        if start == 0:  # admission (or recompute): leave every holder its headroom
+        if start == 0 and yields:  # admission (or recompute): leave every holder its headroom
             room = self._room_past_headroom(need, room)
         shares = water_fill(need, room) if room is not None else None
         if shares is None:
@@ -241,7 +245,7 @@ class HomeKV:
             refs = self.rm.allocate_local(request_id, shares[0]) or []
         refused = set()
         for (creditor, _), share in zip(creditors, shares[1:]):
-            if share and not self._borrow_into(refs, creditor, request_id, share, start, yields=True):
+            if share and not self._borrow_into(refs, creditor, request_id, share, start, yields):
                 refused.add(creditor)
         with self.lock:
             short = need - len(refs)
@@ -249,7 +253,7 @@ class HomeKV:
         for (creditor, lendable), share in zip(creditors, shares[1:]):
             spare = min(need - len(refs), lendable - share)
             if spare > 0 and creditor not in refused:
-                self._borrow_into(refs, creditor, request_id, spare, start, yields=True)
+                self._borrow_into(refs, creditor, request_id, spare, start, yields)
         if len(refs) < need:
             self._give_back(request_id, refs)
             return None

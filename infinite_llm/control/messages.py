@@ -110,6 +110,17 @@ class ReclaimBlocks:
 
 
 @dataclass
+class AdmissionHold:
+    """Home -> every peer: its request larger than one instance has waited while many others
+    were admitted past it (`on`): admit nothing new until it starts (`on` False), so that the
+    memory it needs frees up. Bounds how long such a request can wait."""
+
+    home: int
+    request_id: str
+    on: bool
+
+
+@dataclass
 class AttachBlock:
     """A reserved block now holds table position `index` of the request (migration commit)."""
 
@@ -329,7 +340,7 @@ class Stop:
 
 _SENDER_FIELD = {
     BorrowRequest: "borrower", BorrowReply: "creditor", ReleaseBlocks: "borrower", AttachBlock: "borrower",
-    ReclaimBlocks: "creditor",
+    ReclaimBlocks: "creditor", AdmissionHold: "home",
     AttnQuery: "home", AttnPartial: "holder", CopyBlock: "home", BlockData: "src", CopyDone: "holder",
     Heartbeat: "instance", CreditorQuery: "instance", RequestUpdate: "instance",
 }

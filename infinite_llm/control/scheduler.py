@@ -81,6 +81,13 @@ class Scheduler:
         self.reclaims: list[tuple[int, str]] = []
         self._reclaiming: set[str] = set()
         self._held_back_last_step = False  # see _hold_back_older_chunks
+        # Requests larger than one instance: how many requests were admitted past each while it
+        # waited; past STARVATION_PASSES it starves, and then stops yielding (see _starve).
+        self._passes: dict[str, int] = {}
+        self.starving: set[str] = set()  # waiting, no longer passed; peers hold their admissions
+        self._unyielding: set[str] = set()  # admitted after starving: never reclaimed
+        self.peer_holds: set[tuple[int, str]] = set()  # (home, request) starving elsewhere
+        self.holds: list[tuple[str, bool]] = []  # (request, on) to announce to every peer
 
     # ----------------------------------------------------------------- admission
     def max_context(self) -> int:
@@ -173,6 +180,9 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
+        if request.request_id in self._unyielding:  # it starved once: it does not wait again
+            self._unyielding.discard(request.request_id)
+            self._starve(request.request_id)
 
     def set_max_context(self, tokens: int, now: float) -> list[Request]:
         """The cluster's membership changed: the context cap is now `tokens`. Finishes (aborts)
@@ -215,7 +225,7 @@ class Scheduler:
                 index += 1
                 continue
             target = request.num_computed_tokens + num_new
-            while not self.kv.allocate(request.request_id, target):
+            while not self.kv.allocate(request.request_id, target, request.request_id not in self._unyielding):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -290,19 +300,21 @@ class Scheduler:
         while (index < min(len(self.waiting), self.ADMISSION_LOOKAHEAD) and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[index]
+            starving = request.request_id in self.starving
+            if self.peer_holds and not starving:
+                break  # a peer's long request starves: its holders admit nothing new
             passing = index > 0  # going past a head larger than an instance
             if passing and not self.kv.fits_at_home(request.request_id, request.num_tokens):
                 index += 1
                 continue
-            if not self.kv.allocate(request.request_id, request.num_tokens):
+            if not self.kv.allocate(request.request_id, request.num_tokens, not starving):
                 self._blocked_on_memory |= not passing
-                if passing or not self._spans_instances(request):
+                if passing or starving or not self._spans_instances(request):
                     break
                 index += 1
                 continue
             del self.waiting[index]
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._admitted(request, passed=list(itertools.islice(self.waiting, index)))
             num_new = min(request.num_tokens - request.num_computed_tokens, chunk_cap, budget)
             scheduled.append((request, num_new))
             budget -= num_new
@@ -311,11 +323,53 @@ class Scheduler:
         # instance hold here if that lets it start.
         if self.kv.placement != "infinite":
             return  # striped lends by design, static never
+        if self.peer_holds:  # a starving peer request needs what this instance can lend
+            self.kv.pause_lending(False)
+            return
         first = next((r for r in itertools.islice(self.waiting, self.ADMISSION_LOOKAHEAD)
                       if not self._spans_instances(r)), None)
         self.kv.pause_lending(first is not None)
         if first is not None:
             self._plan_reclaims(first)
+
+    # Admissions past a waiting request larger than one instance before it starves.
+    STARVATION_PASSES = 128
+
+    def _admitted(self, request: Request, passed: list[Request]) -> None:
+        """`request` runs now, admitted past `passed` (requests larger than one instance)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self._passes.pop(request.request_id, None)
+        if request.request_id in self.starving:
+            self.starving.discard(request.request_id)
+            self._unyielding.add(request.request_id)
+            self.holds.append((request.request_id, False))
+        for waiting in passed:
+            self._passes[waiting.request_id] = self._passes.get(waiting.request_id, 0) + 1
+            if self._passes[waiting.request_id] >= self.STARVATION_PASSES:
+                self._starve(waiting.request_id)
+
+    def _starve(self, request_id: str) -> None:
+        """The request has waited while many were admitted past it: no more are, it is admitted
+        without the holders' headroom and not reclaimed once running, and every peer holds its
+        admissions until it runs (so the memory it needs frees up as their requests finish)."""
+        self._passes.pop(request_id, None)
+        self.starving.add(request_id)
+        self.holds.append((request_id, True))
+
+    def take_holds(self) -> list[tuple[str, bool]]:
+        holds, self.holds = self.holds, []
+        return holds
+
+    def set_peer_hold(self, home: int, request_id: str, on: bool) -> None:
+        if on:
+            self.peer_holds.add((home, request_id))
+        else:
+            self.peer_holds.discard((home, request_id))
+
+    def drop_peer_holds(self, home: int) -> None:
+        """`home` died: its holds end."""
+        self.peer_holds = {hold for hold in self.peer_holds if hold[0] != home}
 
     def _plan_reclaims(self, head: Request) -> None:
         """Requests larger than one instance yield to those that fit one: when the head fits
@@ -344,6 +398,8 @@ class Scheduler:
         holding = rm.yielding_lent()
         own = rm.own_blocks()
         for request in self.running:
+            if request.request_id in self._unyielding:
+                continue
             if self._spans_instances(request) and own.get(request.request_id):
                 holding[request.request_id] = (self.kv.home, len(own[request.request_id]))
         return holding
@@ -418,6 +474,11 @@ class Scheduler:
         elif request.status == RequestStatus.WAITING:
             self.waiting.remove(request)
         self.kv.free(request.request_id)
+        self._passes.pop(request.request_id, None)
+        self._unyielding.discard(request.request_id)
+        if request.request_id in self.starving:
+            self.starving.discard(request.request_id)
+            self.holds.append((request.request_id, False))
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.finished_time = now

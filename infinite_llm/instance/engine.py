@@ -175,6 +175,9 @@ class InstanceEngine:
         out = self.scheduler.schedule()
         for home, request_id in self.scheduler.take_reclaims():
             self.endpoint.send(home, m.ReclaimBlocks(self.rank, request_id))
+        for request_id, on in self.scheduler.take_holds():
+            for peer in sorted(self.members - self.dead - {self.rank}):
+                self.endpoint.send(peer, m.AdmissionHold(self.rank, request_id, on))
         self.migrations.issue({r.request_id: r for r in self.scheduler.running})
         if out.preempted:
             self._report(out.preempted)
@@ -259,6 +262,8 @@ class InstanceEngine:
                 if request is not None:  # recomputed later, when memory allows
                     self.migrations.forget(item.request_id)
                     self._report([request])
+            elif isinstance(item, m.AdmissionHold):
+                self.scheduler.set_peer_hold(item.home, item.request_id, item.on)
             elif isinstance(item, m.InstanceJoined):
                 self.members.add(item.instance)
                 self._membership_changed(f"instance {item.instance} joined")
@@ -271,6 +276,7 @@ class InstanceEngine:
                 self.rm.release_lent(dead, request_id)
             touching = {rid for rid, creditors in self.rm.borrowed_ledger.items() if dead in creditors}
         self.migrations.fail_copies_touching(dead)
+        self.scheduler.drop_peer_holds(dead)
         lost = [r for r in self.scheduler.running if r.request_id in touching]
         for request in lost:
             self.migrations.forget(request.request_id)
@@ -326,7 +332,8 @@ class InstanceEngine:
             if isinstance(message, m.InstanceDown):
                 self._on_instance_down(message)
                 continue
-            if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder, m.InstanceJoined, m.ReclaimBlocks)):
+            if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder, m.InstanceJoined, m.ReclaimBlocks,
+                                    m.AdmissionHold)):
                 self._inbound.append(message)
                 self._wake.set()
                 continue

@@ -18,6 +18,7 @@ from infinite_llm.config import SchedulerConfig
 from infinite_llm.control.home_kv import lend_cap_for
 from infinite_llm.control.messages import (
     AddRequest,
+    AdmissionHold,
     Heartbeat,
     MigrationOrder,
     ReclaimBlocks,
@@ -35,7 +36,7 @@ from infinite_llm.sim.links import HomeLink, World
 from infinite_llm.sim.memo_kv import MemoHomeKV
 from infinite_llm.sim.pricing import StepPrice, price_step
 
-Inbound = Union[AddRequest, MigrationOrder, ReclaimBlocks]
+Inbound = Union[AddRequest, MigrationOrder, ReclaimBlocks, AdmissionHold]
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class SimInstance:
         self.pacer = PrefillPacer(sched.max_num_batched_tokens, sched.prefill_slowdown, sched.lone_prefill_slowdown)
         self.layout = KVLayout(self.kv)
         self.inbound: deque[Inbound] = deque()
-        self.outbox: list[tuple[int, ReclaimBlocks]] = []  # messages to other instances, sent by the simulator
+        self.outbox: list[tuple[int, Union[ReclaimBlocks, AdmissionHold]]] = []  # to other instances, sent by the simulator
         self.in_flight: Optional[StepInFlight] = None
         self.free_at = 0.0  # when the loop is free: the end of the step or guest work in progress
         self.stats = InstanceStats()
@@ -117,12 +118,16 @@ class SimInstance:
                 admit(self, item.request)
             elif isinstance(item, ReclaimBlocks):
                 self._give_back(item.request_id)
+            elif isinstance(item, AdmissionHold):
+                self.scheduler.set_peer_hold(item.home, item.request_id, item.on)
             else:
                 self.migrations.add_order(item)
         self.migrations.commit({r.request_id: r for r in self.scheduler.running})
         self._pace_prefill()
         out = self.scheduler.schedule()
         self.outbox.extend((borrower, ReclaimBlocks(self.rank, rid)) for borrower, rid in self.scheduler.take_reclaims())
+        peers = [i for i in range(self.spec.num_instances) if i != self.rank]
+        self.outbox.extend((peer, AdmissionHold(self.rank, rid, on)) for rid, on in self.scheduler.take_holds() for peer in peers)
         self.migrations.issue({r.request_id: r for r in self.scheduler.running})
         for request in out.preempted:
             self.layout.forget(request.request_id)

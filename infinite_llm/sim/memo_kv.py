@@ -34,27 +34,27 @@ class MemoHomeKV(HomeKV):
         self._failed_cost: dict[str, tuple[float, int, int]] = {}  # request -> its last real failure's calls
         self.num_memo_hits = 0
 
-    def allocate(self, request_id: str, total_tokens: int) -> bool:
+    def allocate(self, request_id: str, total_tokens: int, yielding: bool = True) -> bool:
         need = self.num_blocks_needed(request_id, total_tokens)
         if need == 0:
             return True
         last = self._failed_cost.get(request_id)
-        if last is not None and (need > self._room(self.home) or self._key(request_id, total_tokens) == self._failed):
+        if last is not None and (need > self._room(self.home) or self._key(request_id, total_tokens, yielding) == self._failed):
             self.link.charge(*last)
             self.num_memo_hits += 1
             return False
         before = self.link.counters()
-        if super().allocate(request_id, total_tokens):
+        if super().allocate(request_id, total_tokens, yielding):
             self._failed_cost.pop(request_id, None)
             return True
         after = self.link.counters()
         # A failed attempt gave everything back: the state after it is the state it met.
-        self._failed = self._key(request_id, total_tokens)
+        self._failed = self._key(request_id, total_tokens, yielding)
         self._failed_cost[request_id] = (after[0] - before[0], after[1] - before[1], after[2] - before[2])
         return False
 
-    def _key(self, request_id: str, total_tokens: int) -> tuple:
-        return (request_id, total_tokens, len(self.block_table(request_id)), self._state())
+    def _key(self, request_id: str, total_tokens: int, yielding: bool) -> tuple:
+        return (request_id, total_tokens, yielding, len(self.block_table(request_id)), self._state())
 
     def free(self, request_id: str) -> None:
         self._failed_cost.pop(request_id, None)

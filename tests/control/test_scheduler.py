@@ -316,13 +316,17 @@ def test_each_instance_has_its_own_budget_and_batch():
     seed=st.integers(0, 2**16),
     headroom=st.sampled_from([0.0, 0.25, 0.5]),
     lend_fraction=st.sampled_from([1.0, 0.7]),
+    starvation_passes=st.sampled_from([128, 1]),
 )
-def test_random_workloads_finish_without_leaks(num_instances, placement, shapes, seed, headroom, lend_fraction):
+def test_random_workloads_finish_without_leaks(num_instances, placement, shapes, seed, headroom, lend_fraction,
+                                              starvation_passes):
     """Each instance's scheduler stepped in a random interleaving, with random aborts: tables
     cover every chunk, the cluster invariants hold, nobody livelocks or waits forever (for
     headroom either), nothing leaks."""
     c = make(num_instances=num_instances, blocks=10, block_size=4, placement=placement, budget=12, seed=seed,
              headroom=headroom, lend_fraction=lend_fraction)
+    for node in c.nodes:
+        node.scheduler.STARVATION_PASSES = starvation_passes
     rng = random.Random(seed)
     accepted = []
     for i, (home, prompt_len, max_tokens) in enumerate(shapes):
@@ -340,6 +344,10 @@ def test_random_workloads_finish_without_leaks(num_instances, placement, shapes,
         if rng.random() < 0.05 and s.running:
             s.abort(rng.choice(s.running).request_id)
         out = run_step(s)
+        for request_id, on in s.take_holds():  # admission holds reach the peers
+            for node in c.nodes:
+                if node.scheduler is not s:
+                    node.scheduler.set_peer_hold(s.kv.home, request_id, on)
         for w in out.batch:
             assert len(w.block_table) * 4 >= w.end_pos
         if rng.random() < 0.3:
@@ -414,3 +422,35 @@ def test_a_normal_borrower_is_not_reclaimed():
     s.add_request(req("fits", 28, max_tokens=4))  # 7 blocks, 6 free: waits for "normal" to end
     run_step(s)
     assert s.take_reclaims() == []
+
+
+def test_a_long_request_passed_too_often_starves_and_its_peers_hold_admissions():
+    """A request larger than an instance that many were admitted past stops yielding: no more
+    pass it, every peer admits nothing new until it runs, then they go on."""
+    c = make(num_instances=2, blocks=8, block_size=4, budget=64, headroom=0.25)
+    home, peer = c[0].scheduler, c[1].scheduler
+    home.STARVATION_PASSES = 2
+    peer.add_request(req("busy", 16, max_tokens=40))  # 4 of the peer's 8 blocks, for a while
+    run_step(peer)
+    home.add_request(req("long", 40, max_tokens=2))  # 10 blocks > 8; 6 + 2 past the headroom: waits
+    for i in range(2):
+        home.add_request(req(f"s{i}", 4, max_tokens=30))
+        assert {w.request_id for w in run_step(home).batch} >= {f"s{i}"}  # admitted past it
+    assert home.starving == {"long"} and home.take_holds() == [("long", True)]
+    peer.set_peer_hold(0, "long", True)
+    home.add_request(req("s2", 4, max_tokens=2))
+    peer.add_request(req("p", 4, max_tokens=2))
+    assert "s2" not in {w.request_id for w in run_step(home).batch}  # nothing passes it now
+    assert "p" not in {w.request_id for w in run_step(peer).batch}  # the peer holds its admissions
+    while "long" not in {r.request_id for r in home.running}:
+        run_step(home)
+        run_step(peer)
+    assert home.take_holds() == [("long", False)] and not home.starving
+    peer.set_peer_hold(0, "long", False)
+    while peer.has_unfinished() or home.has_unfinished():
+        run_step(home)
+        run_step(peer)
+    assert all(home.requests[r].finish_reason is not None for r in ("long", "s2"))
+    assert peer.requests["p"].finish_reason is not None
+    c.check()
+    assert c.used_blocks() == [0, 0]
