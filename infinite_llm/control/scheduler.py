@@ -292,8 +292,9 @@ class Scheduler:
         chunk by chunk would run out of memory halfway and preempt each other, losing their
         computed chunks. A head that cannot get its memory stops admission, except a request
         larger than this whole instance (it waits for the cluster to lend): requests behind it
-        that fit the home's free blocks go ahead, so a long request never holds short ones up.
-        No policy that rejects such requests (static) ever skips.
+        that fit the home's free blocks go ahead, so a long request never holds short ones up,
+        until STARVATION_PASSES went past it (see _starve). While a peer's request starves,
+        nothing new is admitted here. No policy that rejects such requests (static) ever skips.
         """
         self._blocked_on_memory = False
         index = 0
