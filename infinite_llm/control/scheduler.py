@@ -315,7 +315,8 @@ class Scheduler:
                 index += 1
                 continue
             del self.waiting[index]
-            self._admitted(request, passed=list(itertools.islice(self.waiting, index)))
+            passed = [r for r in itertools.islice(self.waiting, index) if self._spans_instances(r)]
+            self._admitted(request, passed)
             num_new = min(request.num_tokens - request.num_computed_tokens, chunk_cap, budget)
             scheduled.append((request, num_new))
             budget -= num_new
