@@ -153,13 +153,8 @@ def workloads(draw):
     return hkv, g, d, block_size, per_seq, draw(st.integers(1, 4)), draw(st.integers(0, 2**31 - 1))
 
 
-def check_against_reference(work, dtype: torch.dtype, attention=micro_attention) -> None:
-    hkv, g, d, block_size, per_seq, num_instances, seed = work
-    gen = torch.Generator().manual_seed(seed)
-    seqs = [make_seq(gen, hkv * g, hkv, d, block_size, ctx, nq, fut, dtype) for ctx, nq, fut in per_seq]
-    instances = distribute(gen, seqs, num_instances, hkv, d, block_size, dtype)
-    scale = d ** -0.5
-    out, lse = run_distributed(seqs, instances, dtype, scale, attention)
+def assert_rows_match_reference(seqs, out: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+    """Each sequence's rows of (out, lse), in order, equal the monolithic reference to float32 rounding."""
     row = 0
     for seq in seqs:
         ref_out, ref_lse = reference(seq, scale)
@@ -167,6 +162,16 @@ def check_against_reference(work, dtype: torch.dtype, attention=micro_attention)
         assert rel_err(out[row:row + n], ref_out) <= FP32_TOL
         assert rel_err(lse[row:row + n], ref_lse) <= FP32_TOL
         row += n
+
+
+def check_against_reference(work, dtype: torch.dtype, attention=micro_attention) -> None:
+    hkv, g, d, block_size, per_seq, num_instances, seed = work
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [make_seq(gen, hkv * g, hkv, d, block_size, ctx, nq, fut, dtype) for ctx, nq, fut in per_seq]
+    instances = distribute(gen, seqs, num_instances, hkv, d, block_size, dtype)
+    scale = d ** -0.5
+    out, lse = run_distributed(seqs, instances, dtype, scale, attention)
+    assert_rows_match_reference(seqs, out, lse, scale)
 
 
 @HYPOTHESIS
@@ -208,13 +213,7 @@ def test_native_decode_equals_monolithic(threads, hkv, g, d):
     finally:
         torch.set_num_threads(before)
     assert plan.native is not None and plan.native.num_rows == 1 + 1 + 4 + 1  # the 40-query chunk is not native
-    row = 0
-    for seq in seqs:
-        ref_out, ref_lse = reference(seq, d ** -0.5)
-        n = len(seq.q)
-        assert rel_err(out[row:row + n], ref_out) <= FP32_TOL
-        assert rel_err(lse[row:row + n], ref_lse) <= FP32_TOL
-        row += n
+    assert_rows_match_reference(seqs, out, lse, d ** -0.5)
 
 
 def test_native_ignores_slots_no_query_sees():
@@ -292,13 +291,7 @@ def test_long_context_is_chunked_and_exact(monkeypatch):
             for ctx, nq, fut in [(300, 1, 0), (257, 40, 9), (5, 5, 0), (120, 1, 17)]]
     instances = distribute(gen, seqs, 2, hkv, d, bs, torch.float32)
     out, lse = run_distributed(seqs, instances, torch.float32, d ** -0.5)
-    row = 0
-    for seq in seqs:
-        ref_out, ref_lse = reference(seq, d ** -0.5)
-        n = len(seq.q)
-        assert rel_err(out[row:row + n], ref_out) <= FP32_TOL
-        assert rel_err(lse[row:row + n], ref_lse) <= FP32_TOL
-        row += n
+    assert_rows_match_reference(seqs, out, lse, d ** -0.5)
 
 
 def test_batched_ragged_equals_per_sequence_calls():

@@ -501,7 +501,8 @@ def _infinite_bound(engine_config: EngineConfig, full: PhaseRuns, common: Sequen
     if "infinite" not in full.runs or len(full.runs) < 2:
         return None
     run = full.median_run("infinite")
-    extra = [r for r in full.trace if r.request_id in run.output_lens and r.request_id not in set(common)]
+    common_ids = set(common)
+    extra = [r for r in full.trace if r.request_id in run.output_lens and r.request_id not in common_ids]
     if not extra:
         return None
     config = copy.deepcopy(engine_config)
