@@ -109,3 +109,22 @@ def test_decode_message_is_constant_in_context_length():
     small, huge = _decode_query_bytes(10_000), _decode_query_bytes(1_000_000)
     # Only the position integer's encoding may grow (a byte or two), never a block list.
     assert abs(huge - small) <= 8, f"decode query grew from {small} to {huge} bytes with the context"
+
+
+def test_a_query_is_served_inline_up_to_the_kv_it_reads(monkeypatch):
+    """A holder serves a query on its home's thread while the K/V its MicroAttention reads (the
+    visible slots of the blocks lent to that request) is at most INLINE_MAX_KV_BYTES."""
+    import infinite_llm.instance.attention as attention_module
+
+    caches, rms = _cluster(2)
+    table = _place(rms, "r", [0, 1, 1])  # holder 1: positions 4-7 and 8-10 of an 11-token context
+    layout = build_step_layout([_work("r", table, 10, 1)], 0, BS, CPU)
+    part = layout.remote[1]
+    kv = torch.zeros(len(part.kv_rows), HKV, D)
+    query = AttnQuery(home=0, step=1, layer=0, seqs=part.seqs, q=torch.zeros(1, HQ, D), k=kv, v=kv)
+    guest = GuestAttention(1, rms[1], threading.Lock(), caches[1], CPU)
+    read = 7 * 2 * HKV * D * 4  # 7 visible slots, K and V, float32
+    monkeypatch.setattr(attention_module, "INLINE_MAX_KV_BYTES", read)
+    assert guest.serves_inline(query)
+    monkeypatch.setattr(attention_module, "INLINE_MAX_KV_BYTES", read - 1)
+    assert not guest.serves_inline(query)

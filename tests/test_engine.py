@@ -4,12 +4,14 @@ migration in flight, mutual borrowing, a straggler; no leaked blocks."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from infinite_llm.control.scheduler import RequestTooLongError
 from infinite_llm.engine import LLM
+from infinite_llm.instance import attention as attention_module
 from infinite_llm.sampling import SamplingParams
 from tests.engine_helpers import assert_all_free, prompts
 from tests.hf_fixtures import hf_greedy, write_tiny_checkpoint
@@ -176,6 +178,33 @@ def test_mutual_borrowing_completes(llama_checkpoint, engines, placement):
     outputs = _run_pair(llm, lambda: rms[0].num_borrowed > 0 and rms[1].num_borrowed > 0)
     assert outputs["a"].output_token_ids == hf_greedy(llama_checkpoint, a, 24)
     assert outputs["b"].output_token_ids == hf_greedy(llama_checkpoint, b, 24)
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("served_on", ["instance-0-loop", "instance-1-pump"])
+def test_split_queries_are_served_on_the_homes_thread_or_the_holders_pump(llama_checkpoint, engines, monkeypatch,
+                                                                           served_on):
+    """In process, a holder serves a small query on its home's step thread (no pump wake-up);
+    one over INLINE_MAX_KV_BYTES on its own pump, in parallel with the home. Both exact."""
+    if served_on.endswith("pump"):
+        monkeypatch.setattr(attention_module, "INLINE_MAX_KV_BYTES", -1)
+    (prompt,) = prompts(2, [90])
+    llm = engines(llama_checkpoint, instances=2, blocks=10, batched_tokens=16)
+    holder = llm.engine.cluster.instances[1]
+    threads: set[str] = set()
+    serve = holder.guests.serve
+
+    def recording_serve(query):
+        threads.add(threading.current_thread().name)
+        return serve(query)
+
+    holder.guests.serve = recording_serve
+    llm.engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), home=0)
+    final = {}
+    while llm.engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in llm.engine.step() if o.finished})
+    assert final["r"].output_token_ids == hf_greedy(llama_checkpoint, prompt, 20)
+    assert threads == {served_on}
     assert_all_free(llm)
 
 

@@ -270,12 +270,21 @@ class StepAttention:
 
 
 # --------------------------------------------------------------------------- holder side
+# In process, a query whose MicroAttention here reads at most this much K/V (one layer) is
+# served on its home's thread; a larger one on this holder's pump, in parallel with the home's
+# own share. The pump costs two thread wake-ups and the GIL handed back and forth, about 250 us
+# per layer on 2 cores: more than the overlap saves below a few MB (a 2K-token share of the
+# default model is 2 MB, read in about 0.1 ms).
+INLINE_MAX_KV_BYTES = 4 << 20
+
+
 @dataclass
 class _GuestStep:
     seg: Optional[SegmentTables]
     write_slots: torch.Tensor
     rows: torch.Tensor  # the query rows of sequences with blocks here (ascending)
     num_rows: int  # all the query rows of the message
+    kv_bytes: int  # K and V of one layer that the MicroAttention here reads
 
 
 class GuestAttention:
@@ -284,6 +293,7 @@ class GuestAttention:
     def __init__(self, rank: int, rmanager: RManager, lock, cache: PagedKVCache, device: torch.device) -> None:
         self.rank, self.rm, self.lock, self.cache, self.device = rank, rmanager, lock, cache, device
         self._steps: dict[int, tuple[int, _GuestStep]] = {}  # home -> (step, its layout)
+        self._count_lock = threading.Lock()  # homes' threads serve here at once (in process)
         self.num_served = 0
 
     @torch.inference_mode()
@@ -292,10 +302,19 @@ class GuestAttention:
             layout = self._layout(query)
             self.cache.write(query.layer, layout.write_slots, query.k.to(self.device), query.v.to(self.device))
             out, lse = self._attend(query, layout)
-            self.num_served += 1
+            with self._count_lock:
+                self.num_served += 1
             return AttnPartial(self.rank, query.step, query.layer, out, lse)
         except Exception as exc:  # noqa: BLE001 - the home fails its step, not this instance
             return AttnPartial(self.rank, query.step, query.layer, None, None, error=f"{type(exc).__name__}: {exc}")
+
+    def serves_inline(self, query: AttnQuery) -> bool:
+        """Whether `query` is small enough to serve on its sender's thread (see
+        INLINE_MAX_KV_BYTES). A query this instance cannot lay out is (its error reply is quick)."""
+        try:
+            return self._layout(query).kv_bytes <= INLINE_MAX_KV_BYTES
+        except Exception:  # noqa: BLE001 - serve() answers it with the error
+            return True
 
     def _attend(self, query: AttnQuery, layout: _GuestStep) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) on the CPU for every query row: 0 / -inf for rows with no block here."""
@@ -318,6 +337,7 @@ class GuestAttention:
             return cached[1]
         bs = self.cache.block_size
         segments, slots, has_blocks = [], [], []
+        keys = 0
         with self.lock:
             tables = {s.request_id: dict(self.rm.guest_blocks(s.request_id)) for s in query.seqs}
         for s in query.seqs:
@@ -328,12 +348,16 @@ class GuestAttention:
                     raise RuntimeError(f"request {s.request_id!r}: no block here for position {pos}")
                 slots.append(table[pos // bs] * bs + pos % bs)
             visible = [(p, b) for p, b in sorted(table.items()) if p * bs < s.end_pos]
+            keys += sum(min(bs, s.end_pos - p * bs) for p, _ in visible)
             has_blocks.append(bool(visible))
             if visible:
                 segments.append((s.start_pos, s.num_queries, [b for _, b in visible], [p for p, _ in visible]))
+        k = self.cache.k[0]
+        slot_bytes = 2 * k[0, 0].numel() * k.element_size()  # K and V of one token, one layer
         layout = _GuestStep(build_segments(segments, bs, self.device),
                             torch.tensor(slots, dtype=torch.long, device=self.device),
-                            self._rows(query.seqs, has_blocks), sum(s.num_queries for s in query.seqs))
+                            self._rows(query.seqs, has_blocks), sum(s.num_queries for s in query.seqs),
+                            keys * slot_bytes)
         self._steps[query.home] = (query.step, layout)
         return layout
 

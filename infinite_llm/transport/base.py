@@ -53,9 +53,12 @@ class Endpoint(ABC):
     def close(self) -> None:
         """Stop receiving; a thread blocked in recv() gets TransportClosed."""
 
-    def handle_inline(self, message_type: type, handler: Callable[[object], None]) -> bool:
-        """Ask for messages of `message_type` to this endpoint to be handed to `handler` on the
-        sender's thread, skipping the queue and the receiving pump's wake-up (a split step's
-        per-layer reply). Such messages are not ordered with the queued ones; `handler` must be
-        thread-safe. Returns whether the transport does it; if not, they come through recv."""
+    def handle_inline(self, message_type: type, handler: Callable[[object], bool]) -> bool:
+        """Ask for messages of `message_type` to this endpoint to be offered to `handler` on the
+        sender's thread, skipping the queue and the receiving pump's wake-ups (a split step's
+        per-layer query and reply). `handler` returns whether it took the message; one it
+        declines is queued. FIFO per pair still holds: a message is queued while an earlier one
+        from the same sender is queued or being handled. `handler` must be thread-safe and must
+        not raise. Returns whether the transport does this; if not, such messages come through
+        recv."""
         return False

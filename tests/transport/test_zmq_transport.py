@@ -285,11 +285,35 @@ def test_local_passes_by_reference():
 def test_local_inline_handler_takes_its_type_on_the_senders_thread():
     src, dst = _local_endpoints(["src", "dst"])
     seen: list[tuple[object, str]] = []
-    assert dst.handle_inline(int, lambda message: seen.append((message, threading.current_thread().name)))
+    assert dst.handle_inline(int, lambda message: seen.append((message, threading.current_thread().name)) or True)
     src.send("dst", 7)
     src.send("dst", "queued")
     assert seen == [(7, threading.current_thread().name)]  # handled at send, not queued
     assert dst.recv(timeout=1) == "queued" and dst.recv(timeout=0.01) is None
+
+
+def test_local_inline_message_never_overtakes_an_earlier_queued_one_of_its_pair():
+    a, b, dst = _local_endpoints(["a", "b", "dst"])
+    seen: list[object] = []
+    assert dst.handle_inline(int, lambda message: seen.append(message) or True)
+    a.send("dst", "first")
+    a.send("dst", 1)  # "first" is still queued: 1 must queue behind it
+    b.send("dst", 2)  # another sender's pair has nothing queued: inline
+    assert seen == [2]
+    assert dst.recv(timeout=1) == "first"
+    a.send("dst", 3)  # "first" is being handled (the pump has not come back): still queued
+    assert dst.recv(timeout=1) == 1 and dst.recv(timeout=1) == 3
+    assert dst.recv(timeout=0.01) is None  # the pump came back: a's pair is empty again
+    a.send("dst", 4)
+    assert seen == [2, 4]
+
+
+def test_local_inline_handler_may_decline_a_message_which_then_queues():
+    src, dst = _local_endpoints(["src", "dst"])
+    assert dst.handle_inline(int, lambda message: message < 10)
+    src.send("dst", 5)
+    src.send("dst", 50)
+    assert dst.recv(timeout=1) == 50 and dst.recv(timeout=0.01) is None
 
 
 def test_zmq_has_no_inline_handlers():
