@@ -153,12 +153,15 @@ def _plan_native(q: torch.Tensor, k_cache: torch.Tensor, cu: torch.Tensor, q_pos
     seqs = [s for s, (n, b) in enumerate(zip(num_q, num_blocks)) if 0 < n <= _NATIVE_MAX_QUERIES and b > 0]
     if not seqs:
         return None
-    idx = torch.tensor(seqs, dtype=torch.int64)
     long = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
     counts = [num_q[s] for s in seqs]
     # Padding entries (len 0) keep whatever id they hold: the kernel never reads their blocks.
-    index = (long(cu[idx]), torch.tensor(counts, dtype=torch.int64), long(q_positions),
-             long(tables[idx]), long(starts[idx]), long(lens[idx]))
+    if len(seqs) == len(num_q):  # every sequence (a decode batch): the tables as they are
+        index = (cu[:-1], cu[1:] - cu[:-1], long(q_positions), long(tables), long(starts), long(lens))
+    else:
+        idx = torch.tensor(seqs, dtype=torch.int64)
+        index = (long(cu[idx]), torch.tensor(counts, dtype=torch.int64), long(q_positions),
+                 long(tables[idx]), long(starts[idx]), long(lens[idx]))
     return _NativeCall(lib, seqs, index, sum(counts))
 
 
