@@ -273,8 +273,10 @@ class StepAttention:
 
     def _take(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """x[rows]; row lists are ascending and distinct, so one as long as the step is all its
-        rows in order: then x itself (no copy; a single-instance step always takes this path)."""
-        return x if rows.numel() == self.layout.num_tokens else x[rows]
+        rows in order: then x itself (no copy; a single-instance step always takes this path).
+        No rows (a decode token's K/V stays home): an empty slice, cheaper than an index."""
+        n = rows.numel()
+        return x if n == self.layout.num_tokens else x[:0] if n == 0 else x[rows]
 
     def _scatter(self, rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A partial over all the step's rows: 0 / -inf where it has nothing (ScaleReduce
@@ -321,7 +323,8 @@ class GuestAttention:
                 return self.serve(query)
         try:
             layout = self._layout(query)
-            self.cache.write(query.layer, layout.write_slots, query.k.to(self.device), query.v.to(self.device))
+            if layout.write_slots.numel():
+                self.cache.write(query.layer, layout.write_slots, query.k.to(self.device), query.v.to(self.device))
             out, lse = self._attend(query, layout)
             with self._count_lock:
                 self.num_served += 1
