@@ -365,6 +365,44 @@ def test_a_request_that_fits_one_instance_reclaims_blocks_lent_to_one_that_does_
     assert_all_free(llm)
 
 
+def test_an_instance_that_joins_while_a_request_starves_holds_its_admissions_too(llama_checkpoint, engines,
+                                                                                  monkeypatch):
+    """The starving request's home tells a new instance of its hold (the broadcast went out
+    before it existed), and the hold ends there too when the request runs."""
+    from infinite_llm.control.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "STARVATION_PASSES", 1)
+    holds: list[tuple[int, int, str, bool]] = []  # (instance told, home, request, on)
+    set_peer_hold = Scheduler.set_peer_hold
+
+    def recording(self, home, request_id, on):
+        holds.append((self.kv.home, home, request_id, on))
+        set_peer_hold(self, home, request_id, on)
+
+    monkeypatch.setattr(Scheduler, "set_peer_hold", recording)
+    llm = engines(llama_checkpoint, instances=2, blocks=12, debug_step_delay_s={0: 0.05})
+    engine = llm.engine
+    busy, long, short = prompts(42, [60, 150, 20])
+    engine.add_request("busy", busy, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), home=0)
+    outputs: list = []
+    _wait_first_token(engine, "busy", outputs)
+    engine.add_request("long", long, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), home=0)
+    engine.add_request("short", short, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), home=0)
+    deadline = time.monotonic() + 30
+    while (1, 0, "long", True) not in holds:  # "short" went past "long": it starves
+        assert time.monotonic() < deadline, f"the long request did not starve: {holds}"
+        outputs.extend(engine.step(timeout_s=0.01))
+    joined = engine.add_instance()
+    final = {o.request_id: o for o in outputs if o.finished}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert (joined, 0, "long", True) in holds and (joined, 0, "long", False) in holds, holds
+    assert holds.index((joined, 0, "long", True)) < holds.index((joined, 0, "long", False))
+    for rid, prompt, n in (("busy", busy, 40), ("long", long, 6), ("short", short, 6)):
+        assert final[rid].output_token_ids == hf_greedy(llama_checkpoint, prompt, n), rid
+    assert_all_free(llm)
+
+
 def test_a_starving_long_request_holds_its_peers_admissions_and_then_runs(llama_checkpoint, engines, monkeypatch):
     """A request larger than an instance that another was admitted past (here once is enough)
     starves: the home tells its peer (AdmissionHold), the peer holds its admissions until the

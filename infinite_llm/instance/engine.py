@@ -271,6 +271,8 @@ class InstanceEngine:
             elif isinstance(item, m.InstanceJoined):
                 self.members.add(item.instance)
                 self._membership_changed(f"instance {item.instance} joined")
+                for request_id in sorted(self.scheduler.starving):  # it lends too: it holds as well
+                    self.endpoint.send(item.instance, m.AdmissionHold(self.rank, request_id, True))
 
     def _recover_from(self, dead: int) -> None:
         """Free what was lent to the dead instance and recompute, here, the requests that had KV
