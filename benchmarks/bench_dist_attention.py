@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from infinite_llm.kernels import native_attention  # noqa: E402
 from infinite_llm.kernels.dist_attention import (  # noqa: E402
-    micro_attention, plan_micro_attention, run_micro_attention_plan, scale_reduce,
+    BlockIndex, micro_attention, plan_micro_attention, run_micro_attention_plan, scale_reduce,
 )
 
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # one layer of a Llama-2/3-style GQA model
@@ -79,14 +80,14 @@ def decode_inputs(num_seqs: int, context: int, dtype: torch.dtype, device: str, 
     q = torch.randn(num_seqs, HQ, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
     cu = torch.arange(num_seqs + 1)
     q_pos = torch.full((num_seqs,), context - 1)
-    return q, k_cache, v_cache, cu.to(device), q_pos.to(device), tables.to(device), starts.to(device), lens.to(device)
+    return q, k_cache, v_cache, BlockIndex(cu, q_pos, tables, starts, lens).to(device)
 
 
-def ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device: str, repeats: int,
+def ma_vs_sdpa(q, k_cache, v_cache, index: BlockIndex, device: str, repeats: int,
                inner: int) -> tuple[float, float, float, float]:
     """Median seconds of (MicroAttention, its plan, SDPA on contiguous K/V, MicroAttention's torch
     path), alternating calls; on CUDA the last is the first."""
-    args = (q, k_cache, v_cache, cu, q_pos, tables, starts, lens)
+    args = (q, k_cache, v_cache, index)
     if device == "cuda":
         ma = gather = lambda: micro_attention(*args)  # noqa: E731 - the Triton kernel reads the tables itself
         t_plan = 0.0
@@ -101,9 +102,9 @@ def ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device: str
     hkv = k_cache.shape[2]
     # The same keys, in sequence order, contiguous per (sequence, KV head); the context is the
     # valid length of each row (all rows are equally long here).
-    length = int(lens[0].sum())
-    k = k_cache[tables].reshape(s, -1, hkv, d)[:, :length].transpose(1, 2).contiguous()
-    v = v_cache[tables].reshape(s, -1, hkv, d)[:, :length].transpose(1, 2).contiguous()
+    length = int(index.block_lens[0].sum())
+    k = k_cache[index.block_tables].reshape(s, -1, hkv, d)[:, :length].transpose(1, 2).contiguous()
+    v = v_cache[index.block_tables].reshape(s, -1, hkv, d)[:, :length].transpose(1, 2).contiguous()
     q4 = q[:, :, None, :]
     # SDPA with GQA, and SDPA with the query heads of each KV head as rows (no K/V repeat; what
     # SDPA runs without GQA): the faster of the two is the baseline.
@@ -121,9 +122,11 @@ def ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device: str
     return statistics.median(times["ma"]), t_plan, best, statistics.median(times["gather"])
 
 
-def split_round_robin(tables, starts, lens, parts: int):
+def split_round_robin(index: BlockIndex, parts: int) -> list[BlockIndex]:
     """Deal every sequence's blocks round-robin over `parts` instances (same pool, for timing)."""
-    return [(tables[:, i::parts].contiguous(), starts[:, i::parts].contiguous(), lens[:, i::parts].contiguous())
+    return [replace(index, block_tables=index.block_tables[:, i::parts].contiguous(),
+                    block_starts=index.block_starts[:, i::parts].contiguous(),
+                    block_lens=index.block_lens[:, i::parts].contiguous())
             for i in range(parts)]
 
 
@@ -160,14 +163,14 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for context, num_seqs in cases:
-        q, k_cache, v_cache, cu, q_pos, tables, starts, lens = decode_inputs(num_seqs, context, dtype, device, gen)
+        q, k_cache, v_cache, index = decode_inputs(num_seqs, context, dtype, device, gen)
         kv_bytes = 2 * num_seqs * context * HKV * HEAD_DIM * k_cache.element_size()
-        full = lambda: micro_attention(q, k_cache, v_cache, cu, q_pos, tables, starts, lens)  # noqa: E731
-        t_full, t_plan, t_sdpa, t_gather = ma_vs_sdpa(q, k_cache, v_cache, cu, q_pos, tables, starts, lens, device, repeats, inner)
+        full = lambda: micro_attention(q, k_cache, v_cache, index)  # noqa: E731
+        t_full, t_plan, t_sdpa, t_gather = ma_vs_sdpa(q, k_cache, v_cache, index, device, repeats, inner)
 
-        splits = split_round_robin(tables, starts, lens, args.partials)
         partial_calls = [
-            (lambda t=t, s=s, n=n: micro_attention(q, k_cache, v_cache, cu, q_pos, t, s, n)) for t, s, n in splits
+            (lambda part=part: micro_attention(q, k_cache, v_cache, part))
+            for part in split_round_robin(index, args.partials)
         ]
         t_partials = timed(lambda: [call() for call in partial_calls], device, repeats, inner)
         partials = [call() for call in partial_calls]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import pytest
 import torch
@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 import infinite_llm.kernels.attention_plan as plan_module
 from infinite_llm.kernels import native_attention
-from infinite_llm.kernels.dist_attention import micro_attention, micro_attention_torch, plan_micro_attention, scale_reduce
+from infinite_llm.kernels.dist_attention import (
+    BlockIndex, micro_attention, micro_attention_torch, plan_micro_attention, scale_reduce,
+)
 
 FP32_TOL = 1e-5
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -100,7 +102,7 @@ def call_inputs(seqs: list[Seq], inst: Instance, dtype: torch.dtype, pad_blocks:
     q = torch.cat([s.q for s in seqs]).to(dtype)
     cu = torch.tensor([0] + [len(s.q) for s in seqs], dtype=torch.int64).cumsum(0)
     q_pos = torch.cat([s.q_pos for s in seqs])
-    return q, inst.k_cache, inst.v_cache, cu, q_pos, tables, starts, lens
+    return q, inst.k_cache, inst.v_cache, BlockIndex(cu, q_pos, tables, starts, lens)
 
 
 def reference(seq: Seq, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +235,7 @@ def test_native_ignores_slots_no_query_sees():
     q = torch.randn(2, 4, 32, generator=gen)
     tables, starts = torch.tensor([[3, 1, 5], [2, 0, 0]]), torch.tensor([[0, 16, 0], [0, 0, 0]])
     lens = torch.tensor([[16, 9, 0], [7, 0, 0]])
-    args = (q, k_cache, v_cache, torch.tensor([0, 1, 2]), torch.tensor([20, 6]), tables, starts, lens)
+    args = (q, k_cache, v_cache, BlockIndex(torch.tensor([0, 1, 2]), torch.tensor([20, 6]), tables, starts, lens))
     with native_attention.disabled():
         ref_out, ref_lse = micro_attention(*args)
     k_cache[1, 9:], v_cache[1, 9:] = float("nan"), float("nan")  # past block 1's length
@@ -333,7 +335,7 @@ def test_query_seeing_no_key_gets_zero_and_neg_inf():
     tables = torch.tensor([[2, 0], [0, 0]])
     starts = torch.tensor([[4, 0], [0, 0]])
     lens = torch.tensor([[4, 0], [0, 0]])
-    out, lse = micro_attention(q, k_cache, v_cache, cu, q_pos, tables, starts, lens)
+    out, lse = micro_attention(q, k_cache, v_cache, BlockIndex(cu, q_pos, tables, starts, lens))
     for t in (0, 2):
         assert torch.equal(out[t], torch.zeros(2, 16))
         assert torch.isneginf(lse[t]).all()
@@ -376,9 +378,18 @@ def test_scale_reduce_all_neg_inf_rows():
 
 def _valid_args():
     k = torch.zeros(4, 2, 2, 8)
-    return dict(q=torch.zeros(3, 4, 8), k_cache=k, v_cache=k.clone(), cu_seqlens_q=torch.tensor([0, 1, 3]),
-                q_positions=torch.tensor([0, 1, 2]), block_tables=torch.tensor([[0], [1]]),
-                block_starts=torch.tensor([[0], [0]]), block_lens=torch.tensor([[1], [2]]))
+    index = BlockIndex(cu_seqlens_q=torch.tensor([0, 1, 3]), q_positions=torch.tensor([0, 1, 2]),
+                       block_tables=torch.tensor([[0], [1]]), block_starts=torch.tensor([[0], [0]]),
+                       block_lens=torch.tensor([[1], [2]]))
+    return dict(q=torch.zeros(3, 4, 8), k_cache=k, v_cache=k.clone(), index=index)
+
+
+def _changed(args: dict, change: dict) -> dict:
+    """`args` with the tensors in `change` replaced, those named after a BlockIndex field in the index."""
+    index_fields = {f.name for f in fields(BlockIndex)}
+    index_change = {name: t for name, t in change.items() if name in index_fields}
+    rest = {name: t for name, t in change.items() if name not in index_change}
+    return {**args, **rest, "index": replace(args["index"], **index_change)}
 
 
 @pytest.mark.parametrize("change,message", [
@@ -400,8 +411,7 @@ def _valid_args():
     (dict(q=torch.zeros(3, 4, 8, dtype=torch.int32)), "floating-point"),
 ])
 def test_input_validation(change, message):
-    args = _valid_args()
-    args.update(change)
+    args = _changed(_valid_args(), change)
     with pytest.raises((ValueError, TypeError), match=message):
         micro_attention(**args)
 
@@ -423,9 +433,8 @@ def test_padding_block_ids_are_ignored():
     args["v_cache"] = torch.randn(4, 2, 2, 8, generator=gen)
     args["q"] = torch.randn(3, 4, 8, generator=gen)
     base_out, base_lse = micro_attention(**args)
-    args["block_tables"] = torch.tensor([[99, 0], [1, -5]])
-    args["block_starts"] = torch.tensor([[0, 0], [0, 0]])
-    args["block_lens"] = torch.tensor([[0, 1], [2, 0]])
+    args["index"] = replace(args["index"], block_tables=torch.tensor([[99, 0], [1, -5]]),
+                            block_starts=torch.tensor([[0, 0], [0, 0]]), block_lens=torch.tensor([[0, 1], [2, 0]]))
     out, lse = micro_attention(**args)
     assert torch.equal(out, base_out) and torch.equal(lse, base_lse)
     # Query 0 of sequence 0 sees exactly key 0 of block 0: softmax of one key is that value.
@@ -442,9 +451,13 @@ def _gpu():
     pytest.importorskip("triton")
 
 
+def _on_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, index: BlockIndex):
+    """A call's inputs (as `call_inputs` gives them), moved to the GPU."""
+    return q.cuda(), k_cache.cuda(), v_cache.cuda(), index.to("cuda")
+
+
 def _to_cuda_attention(*args, scale=None):
-    cuda_args = [a.cuda() for a in args]
-    out, lse = micro_attention(*cuda_args, scale=scale)
+    out, lse = micro_attention(*_on_cuda(*args), scale=scale)
     assert out.is_cuda and lse.is_cuda
     return out.cpu(), lse.cpu()
 
@@ -477,8 +490,7 @@ def test_gpu_matches_cpu(ctx, nq, hq, hkv, d, bs):
     assert rel_err(gpu_out, cpu_out.double()) <= FP32_TOL
     assert lse_err(gpu_lse, cpu_lse.double()) <= FP32_TOL
     # Triton's result also goes through the torch implementation on the same device.
-    cuda_args = [a.cuda() for a in args]
-    torch_out, _ = micro_attention_torch(*cuda_args)
+    torch_out, _ = micro_attention_torch(*_on_cuda(*args))
     assert rel_err(gpu_out, torch_out.cpu().double()) <= FP32_TOL
 
 
@@ -492,7 +504,7 @@ def test_gpu_no_key_and_scale_reduce():
     tables = torch.tensor([[2, 0], [0, 0]], device="cuda")
     starts = torch.tensor([[4, 0], [0, 0]], device="cuda")
     lens = torch.tensor([[4, 0], [0, 0]], device="cuda")
-    out, lse = micro_attention(q, k_cache, k_cache.clone(), cu, q_pos, tables, starts, lens)
+    out, lse = micro_attention(q, k_cache, k_cache.clone(), BlockIndex(cu, q_pos, tables, starts, lens))
     assert not torch.isnan(out).any()
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
     assert torch.isneginf(lse[2]).all() and torch.isfinite(lse[1]).all()

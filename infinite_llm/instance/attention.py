@@ -32,7 +32,7 @@ from infinite_llm.control.plan import BlockRef, SeqWork
 from infinite_llm.control.rmanager import RManager
 from infinite_llm.instance.kv_cache import PagedKVCache
 from infinite_llm.kernels.dist_attention import (
-    MicroAttentionPlan, merge_partials, micro_attention, plan_micro_attention, run_micro_attention_plan,
+    BlockIndex, MicroAttentionPlan, merge_partials, micro_attention, plan_micro_attention, run_micro_attention_plan,
 )
 
 
@@ -42,13 +42,9 @@ class RemoteAttentionError(RuntimeError):
 
 @dataclass
 class SegmentTables:
-    """MicroAttention inputs for a list of (query rows, KV blocks) segments."""
+    """MicroAttention's index for a list of (query rows, KV blocks) segments."""
 
-    cu_seqlens: torch.Tensor
-    q_positions: torch.Tensor
-    block_tables: torch.Tensor
-    block_starts: torch.Tensor
-    block_lens: torch.Tensor
+    index: BlockIndex
     # The CPU kernel's index work for these tables, made at the step's first layer and reused
     # by the others (it was redone per layer: 60-80% of a small decode step's attention time).
     plan: Optional[MicroAttentionPlan] = None
@@ -79,17 +75,16 @@ def build_segments(segments: list[tuple[int, int, Sequence[int], Sequence[int]]]
     np.cumsum(num_q, out=cu[1:])
     q_positions = np.arange(int(cu[-1])) + np.repeat(first - cu[:-1], num_q)
     as_long = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
-    return SegmentTables(as_long(cu), as_long(q_positions), as_long(tables), as_long(starts), as_long(lens))
+    return SegmentTables(BlockIndex(as_long(cu), as_long(q_positions), as_long(tables), as_long(starts), as_long(lens)))
 
 
 def run_micro_attention(q: torch.Tensor, cache: PagedKVCache, layer: int,
                         seg: SegmentTables) -> tuple[torch.Tensor, torch.Tensor]:
     k, v = cache.k[layer], cache.v[layer]
-    args = (seg.cu_seqlens, seg.q_positions, seg.block_tables, seg.block_starts, seg.block_lens)
     if q.is_cuda:  # the Triton kernel reads the tables itself
-        return micro_attention(q, k, v, *args)
+        return micro_attention(q, k, v, seg.index)
     if seg.plan is None:
-        seg.plan = plan_micro_attention(q, k, v, *args)
+        seg.plan = plan_micro_attention(q, k, v, seg.index)
     return run_micro_attention_plan(seg.plan, q, k, v)
 
 

@@ -1,11 +1,39 @@
-"""Shape and index checks shared by the MicroAttention implementations (torch and Triton)."""
+"""MicroAttention's block index and the shape and index checks shared by its implementations
+(torch and Triton)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+
+
+# eq=False: a generated __eq__ would compare the tensors elementwise and fail as a bool; identity is enough.
+@dataclass(frozen=True, eq=False)
+class BlockIndex:
+    """Which KV blocks the queries of S sequences (T query tokens in all) attend to.
+
+    Sequence s lists up to B of its KV blocks, in any order; slot j of listed block b holds the
+    key at absolute position block_starts[s, b] + j. Query t of sequence s sees the key at
+    absolute position p in one of s's listed blocks iff the slot is valid (j < block_lens[s, b])
+    and p <= q_positions[t]. Entries with block_lens 0 are padding and may hold any block id.
+    All five are integer tensors (int64 or int32).
+    """
+
+    cu_seqlens_q: torch.Tensor  # [S+1]: sequence s's queries are rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q
+    q_positions: torch.Tensor  # [T]: each query's absolute position
+    block_tables: torch.Tensor  # [S, B]: block ids in the KV pool
+    block_starts: torch.Tensor  # [S, B]: absolute position of each listed block's slot 0
+    block_lens: torch.Tensor  # [S, B]: valid slots of each listed block, in [0, block_size]
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The five tensors by field name (error messages name the field)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to(self, device: torch.device | str) -> BlockIndex:
+        """The same index with every tensor on `device`."""
+        return BlockIndex(**{name: t.to(device) for name, t in self.named_tensors().items()})
 
 
 @dataclass(frozen=True)
@@ -58,11 +86,7 @@ def validate_inputs(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    q_positions: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_starts: torch.Tensor,
-    block_lens: torch.Tensor,
+    index: BlockIndex,
     check_values: bool = True,
 ) -> MicroAttentionInputs:
     """Check shapes and dtypes (and, if `check_values`, index ranges) and return the sizes.
@@ -92,23 +116,24 @@ def validate_inputs(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    _check_int_tensor("cu_seqlens_q", cu_seqlens_q, 1)
-    _check_int_tensor("q_positions", q_positions, 1)
-    _check_int_tensor("block_tables", block_tables, 2)
-    _check_int_tensor("block_starts", block_starts, 2)
-    _check_int_tensor("block_lens", block_lens, 2)
-    if cu_seqlens_q.numel() < 1:
+    _check_int_tensor("cu_seqlens_q", index.cu_seqlens_q, 1)
+    _check_int_tensor("q_positions", index.q_positions, 1)
+    _check_int_tensor("block_tables", index.block_tables, 2)
+    _check_int_tensor("block_starts", index.block_starts, 2)
+    _check_int_tensor("block_lens", index.block_lens, 2)
+    if index.cu_seqlens_q.numel() < 1:
         raise ValueError("cu_seqlens_q must have S+1 >= 1 entries")
-    num_seqs = cu_seqlens_q.numel() - 1
-    if q_positions.numel() != t_total:
-        raise ValueError(f"q_positions has {q_positions.numel()} entries but q has {t_total} tokens")
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but cu_seqlens_q describes {num_seqs} sequences")
-    if block_starts.shape != block_tables.shape:
-        raise ValueError(f"block_starts shape {tuple(block_starts.shape)} differs from block_tables shape {tuple(block_tables.shape)}")
-    if block_lens.shape != block_tables.shape:
-        raise ValueError(f"block_lens shape {tuple(block_lens.shape)} differs from block_tables shape {tuple(block_tables.shape)}")
+    num_seqs = index.cu_seqlens_q.numel() - 1
+    if index.q_positions.numel() != t_total:
+        raise ValueError(f"q_positions has {index.q_positions.numel()} entries but q has {t_total} tokens")
+    tables_shape = index.block_tables.shape
+    if tables_shape[0] != num_seqs:
+        raise ValueError(f"block_tables has {tables_shape[0]} rows but cu_seqlens_q describes {num_seqs} sequences")
+    if index.block_starts.shape != tables_shape:
+        raise ValueError(f"block_starts shape {tuple(index.block_starts.shape)} differs from block_tables shape {tuple(tables_shape)}")
+    if index.block_lens.shape != tables_shape:
+        raise ValueError(f"block_lens shape {tuple(index.block_lens.shape)} differs from block_tables shape {tuple(tables_shape)}")
     if check_values:
-        _check_values(_host(cu_seqlens_q), t_total, _host(block_tables), _host(block_lens), block_size,
-                      k_cache.shape[0])
-    return MicroAttentionInputs(t_total, hq, d, hkv, block_size, num_seqs, block_tables.shape[1])
+        _check_values(_host(index.cu_seqlens_q), t_total, _host(index.block_tables), _host(index.block_lens),
+                      block_size, k_cache.shape[0])
+    return MicroAttentionInputs(t_total, hq, d, hkv, block_size, num_seqs, tables_shape[1])

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from infinite_llm.kernels import native_attention
-from infinite_llm.kernels.attention_inputs import MicroAttentionInputs, validate_inputs
+from infinite_llm.kernels.attention_inputs import BlockIndex, MicroAttentionInputs, validate_inputs
 
 # Gathered K (or V) elements per KV chunk (8 MiB in float32). Measured on 2 cores: smaller
 # chunks (cache-resident, 0.25-4 MiB) lose more in per-call overhead than they save in traffic;
@@ -95,31 +95,19 @@ class MicroAttentionPlan:
     native: Optional[_NativeCall] = None
 
 
-def plan_micro_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    q_positions: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_starts: torch.Tensor,
-    block_lens: torch.Tensor,
-) -> MicroAttentionPlan:
+def plan_micro_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         index: BlockIndex) -> MicroAttentionPlan:
     """Validate the inputs and plan the calls (same arguments and semantics as `micro_attention`)."""
-    shape = validate_inputs(
-        q, k_cache, v_cache, cu_seqlens_q, q_positions, block_tables, block_starts, block_lens,
-        check_values=not q.is_cuda,
-    )
+    shape = validate_inputs(q, k_cache, v_cache, index, check_values=not q.is_cuda)
     if shape.num_tokens == 0 or shape.num_seqs == 0 or shape.max_blocks == 0:
         return MicroAttentionPlan(shape, [], False)
-    cu = cu_seqlens_q.to(torch.int64)
+    cu = index.cu_seqlens_q.to(torch.int64)
     num_q = (cu[1:] - cu[:-1]).tolist()
-    num_blocks = (block_lens > 0).sum(dim=1).tolist()
-    native = _plan_native(q, k_cache, cu, q_positions, block_tables, block_starts, block_lens, num_q, num_blocks,
-                          shape)
+    num_blocks = (index.block_lens > 0).sum(dim=1).tolist()
+    native = _plan_native(q, k_cache, cu, index, num_q, num_blocks, shape)
     for s in native.seqs if native is not None else []:
         num_q[s] = 0  # not grouped below
-    groups = _plan_groups(cu, q_positions, num_q, num_blocks, block_tables, block_starts, block_lens, shape)
+    groups = _plan_groups(cu, index, num_q, num_blocks, shape)
     identity = (
         len(groups) == 1 and groups[0].real is None and groups[0].rows.numel() == shape.num_tokens
         and bool((groups[0].dest == torch.arange(shape.num_tokens, device=q.device)).all())
@@ -127,24 +115,25 @@ def plan_micro_attention(
     return MicroAttentionPlan(shape, groups, identity, native)
 
 
-def _plan_groups(cu: torch.Tensor, q_positions: torch.Tensor, num_q: list[int], num_blocks: list[int],
-                 tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor,
+def _plan_groups(cu: torch.Tensor, index: BlockIndex, num_q: list[int], num_blocks: list[int],
                  shape: MicroAttentionInputs) -> list[_Group]:
-    """The torch path's padded batches, for the sequences with num_q > 0."""
+    """The torch path's padded batches, for the sequences with num_q > 0 (`cu`: the index's
+    cu_seqlens_q as int64)."""
     if not any(num_q):
         return []
-    tables, starts, lens = _listed_blocks_first(tables, starts, lens)
+    tables, starts, lens = _listed_blocks_first(index.block_tables, index.block_starts, index.block_lens)
     max_group = max(1, _KV_CHUNK_ELEMS // (_MIN_CHUNK_SLOTS * shape.num_kv_heads * shape.head_dim))
+    q_positions = index.q_positions.to(torch.int64)
     return [
-        _plan_group(group, cu, q_positions.to(torch.int64), num_q, num_blocks, tables, starts, lens, shape)
+        _plan_group(group, cu, q_positions, num_q, num_blocks, tables, starts, lens, shape)
         for group in _group_sequences(num_q, num_blocks, shape.block_size, max_group)
     ]
 
 
-def _plan_native(q: torch.Tensor, k_cache: torch.Tensor, cu: torch.Tensor, q_positions: torch.Tensor,
-                 tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, num_q: list[int],
+def _plan_native(q: torch.Tensor, k_cache: torch.Tensor, cu: torch.Tensor, index: BlockIndex, num_q: list[int],
                  num_blocks: list[int], shape: MicroAttentionInputs) -> Optional[_NativeCall]:
-    """The native kernel's share: sequences with work and few queries (none if it is not built)."""
+    """The native kernel's share: sequences with work and few queries (none if it is not built;
+    `cu`: the index's cu_seqlens_q as int64)."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
         return None
     lib = native_attention.library()
@@ -155,14 +144,15 @@ def _plan_native(q: torch.Tensor, k_cache: torch.Tensor, cu: torch.Tensor, q_pos
         return None
     long = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
     counts = [num_q[s] for s in seqs]
+    per_seq = (index.block_tables, index.block_starts, index.block_lens)
     # Padding entries (len 0) keep whatever id they hold: the kernel never reads their blocks.
     if len(seqs) == len(num_q):  # every sequence (a decode batch): the tables as they are
-        index = (cu[:-1], cu[1:] - cu[:-1], long(q_positions), long(tables), long(starts), long(lens))
+        arrays = (cu[:-1], cu[1:] - cu[:-1], long(index.q_positions), *(long(t) for t in per_seq))
     else:
         idx = torch.tensor(seqs, dtype=torch.int64)
-        index = (long(cu[idx]), torch.tensor(counts, dtype=torch.int64), long(q_positions),
-                 long(tables[idx]), long(starts[idx]), long(lens[idx]))
-    return _NativeCall(lib, seqs, index, sum(counts))
+        arrays = (long(cu[idx]), torch.tensor(counts, dtype=torch.int64), long(index.q_positions),
+                  *(long(t[idx]) for t in per_seq))
+    return _NativeCall(lib, seqs, arrays, sum(counts))
 
 
 def _listed_blocks_first(tables: torch.Tensor, starts: torch.Tensor,

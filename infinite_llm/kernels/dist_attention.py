@@ -25,41 +25,28 @@ from typing import Sequence
 import torch
 
 from infinite_llm.kernels import native_attention
-from infinite_llm.kernels.attention_inputs import MicroAttentionInputs, validate_inputs
+from infinite_llm.kernels.attention_inputs import BlockIndex, MicroAttentionInputs, validate_inputs
 from infinite_llm.kernels.attention_plan import MicroAttentionPlan, plan_micro_attention, run_micro_attention_plan
 
 __all__ = [
-    "micro_attention", "scale_reduce", "micro_attention_torch", "MicroAttentionInputs", "validate_inputs",
-    "MicroAttentionPlan", "plan_micro_attention", "run_micro_attention_plan", "merge_partials",
+    "micro_attention", "scale_reduce", "micro_attention_torch", "BlockIndex", "MicroAttentionInputs",
+    "validate_inputs", "MicroAttentionPlan", "plan_micro_attention", "run_micro_attention_plan", "merge_partials",
 ]
 
-def micro_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    q_positions: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_starts: torch.Tensor,
-    block_lens: torch.Tensor,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the queries of S sequences over the listed subset of each one's KV blocks.
+def micro_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, index: BlockIndex,
+                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the queries of S sequences over the subset of each one's KV blocks that
+    `index` lists (see `BlockIndex` for which query sees which key).
 
-    Query t of sequence s sees the key at absolute position p in one of s's listed blocks iff
-    the slot is valid (slot < block_lens) and p <= q_positions[t]. Returns float32
+    q is [T, Hq, D], the caches [num_blocks, block_size, Hkv, D]. Returns float32
     `out [T, Hq, D]` and `lse [T, Hq]` (natural log); a query that sees no key gets out 0 and
     lse -inf. Query head h uses KV head h // (Hq // Hkv).
     """
     if q.is_cuda and _triton_available():
         from infinite_llm.kernels.triton_attention import triton_micro_attention
 
-        return triton_micro_attention(
-            q, k_cache, v_cache, cu_seqlens_q, q_positions, block_tables, block_starts, block_lens, scale
-        )
-    return micro_attention_torch(
-        q, k_cache, v_cache, cu_seqlens_q, q_positions, block_tables, block_starts, block_lens, scale
-    )
+        return triton_micro_attention(q, k_cache, v_cache, index, scale)
+    return micro_attention_torch(q, k_cache, v_cache, index, scale)
 
 
 @functools.cache
@@ -72,22 +59,13 @@ def _triton_available() -> bool:
     return True
 
 
-def micro_attention_torch(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    q_positions: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_starts: torch.Tensor,
-    block_lens: torch.Tensor,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def micro_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, index: BlockIndex,
+                          scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch implementation of `micro_attention` (runs on any device; used on CPU).
 
     A caller that attends the same tables once per layer should build the plan once
     (`plan_micro_attention`) and call `run_micro_attention_plan` per layer instead."""
-    plan = plan_micro_attention(q, k_cache, v_cache, cu_seqlens_q, q_positions, block_tables, block_starts, block_lens)
+    plan = plan_micro_attention(q, k_cache, v_cache, index)
     return run_micro_attention_plan(plan, q, k_cache, v_cache, scale)
 
 

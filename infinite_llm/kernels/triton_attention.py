@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from infinite_llm.kernels.attention_inputs import validate_inputs
+from infinite_llm.kernels.attention_inputs import BlockIndex, validate_inputs
 
 __all__ = ["triton_micro_attention", "triton_scale_reduce"]
 
@@ -152,24 +152,11 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def triton_micro_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    q_positions: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_starts: torch.Tensor,
-    block_lens: torch.Tensor,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_micro_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, index: BlockIndex,
+                           scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`micro_attention` for CUDA tensors; returns float32 (out [T, Hq, D], lse [T, Hq])."""
-    shape = validate_inputs(
-        q, k_cache, v_cache, cu_seqlens_q, q_positions, block_tables, block_starts, block_lens,
-        check_values=False,
-    )
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("q_positions", q_positions), ("block_tables", block_tables),
-                    ("block_starts", block_starts), ("block_lens", block_lens)):
+    shape = validate_inputs(q, k_cache, v_cache, index, check_values=False)
+    for name, t in index.named_tensors().items():
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if scale is None:
@@ -179,11 +166,11 @@ def triton_micro_attention(
         return (torch.zeros(t_total, hq, d, dtype=torch.float32, device=q.device),
                 torch.full((t_total, hq), float("-inf"), dtype=torch.float32, device=q.device))
 
-    cu = cu_seqlens_q.to(torch.int64).contiguous()
-    q_positions = q_positions.to(torch.int64).contiguous()
-    block_tables = block_tables.to(torch.int64).contiguous()
-    block_starts = block_starts.to(torch.int64).contiguous()
-    block_lens = block_lens.to(torch.int64).contiguous()
+    cu = index.cu_seqlens_q.to(torch.int64).contiguous()
+    q_positions = index.q_positions.to(torch.int64).contiguous()
+    block_tables = index.block_tables.to(torch.int64).contiguous()
+    block_starts = index.block_starts.to(torch.int64).contiguous()
+    block_lens = index.block_lens.to(torch.int64).contiguous()
 
     group = shape.group_size
     group_pad = _next_pow2(group)
