@@ -381,8 +381,9 @@ class InstanceEngine:
         self.endpoint.send(query.home, self.guests.serve(query))
 
     def _on_attn_query_inline(self, query: m.AttnQuery) -> bool:
-        """Serve a small query on its home's thread; anything else (a large one, or one a
-        stopped instance or a fenced sender's must not see answered) goes to the pump."""
+        """Serve a small query on its home's thread. Declined, so queued for the pump: a large
+        one (the pump serves it in parallel with the home), any while this instance is stopped
+        (its closed inbox answers nothing), one from a peer it holds dead (the pump drops it)."""
         if self._stop.is_set() or query.home in self.dead or not self.guests.serves_inline(query):
             return False
         try:

@@ -17,8 +17,9 @@ class LocalFabric:
 
     A message type with an inline handler at its destination is offered to it on the sender's
     thread, unless an earlier message of the same pair is still queued or being handled: then it
-    queues, so every pair stays FIFO. It also queues if the handler declines it (returns False). `_pending[(src, dst)]` counts the queued ones; a message stops
-    counting when the destination's pump asks for the next one (it has handled this one).
+    queues, so every pair stays FIFO. It also queues if the handler declines it (returns False).
+    `_pending[(src, dst)]` counts the queued ones; a message stops counting when the
+    destination's pump asks for the next one (it has handled this one).
     """
 
     def __init__(self) -> None:
