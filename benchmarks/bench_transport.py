@@ -6,7 +6,10 @@ For payloads of 1 KB to 16 MB (one uint8 tensor inside the message, as KV blocks
 
 1. RTT: ping-pong, the echo sending the same payload back; median over repetitions.
    (a) `LocalFabric` between two threads of this process (objects handed over by reference);
-   (b) `ZmqEndpoint` between this process and a spawned child over tcp://127.0.0.1.
+   (b) `LocalFabric` with inline handlers at both ends: the echo answers on the sender's thread
+       and the reply lands in a slot, no thread wakes (how a split step's small per-layer query
+       and partial travel in process);
+   (c) `ZmqEndpoint` between this process and a spawned child over tcp://127.0.0.1.
 2. ZeroMQ bandwidth: a stream of one-way messages closed by one echoed marker; per-pair FIFO
    means the marker's echo proves every earlier message was received and deserialized.
 
@@ -24,7 +27,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -62,14 +65,17 @@ def zmq_echo_child(conn: Any) -> None:
         conn.recv()  # the parent is done: closing may drop nothing it still waits for
 
 
-def rtt_us(endpoint: Endpoint, size: int, reps: int) -> float:
-    """Median microseconds for a message of `size` payload bytes to go to the echo and back."""
+def rtt_us(endpoint: Endpoint, size: int, reps: int,
+           receive: Optional[Callable[[], Any]] = None) -> float:
+    """Median microseconds for a message of `size` payload bytes to go to the echo and back
+    (`receive`: how the reply is picked up; default the endpoint's recv)."""
     payload = torch.zeros(size, dtype=torch.uint8)
+    receive = receive or (lambda: endpoint.recv(timeout=30))
     times = []
     for seq in range(reps + 3):  # the first few warm up sockets and allocators
         start = time.perf_counter()
         endpoint.send(ECHO, ("ping", seq, payload, True))
-        reply = endpoint.recv(timeout=30)
+        reply = receive()
         elapsed = time.perf_counter() - start
         assert reply is not None and reply[1] == seq, "echo lost"
         if seq >= 3:
@@ -101,6 +107,16 @@ def run_local(sizes: list[int], reps: Callable[[int], int]) -> dict[int, float]:
     endpoint.send(ECHO, STOP)
     thread.join(timeout=10)
     return results
+
+
+def run_local_inline(sizes: list[int], reps: Callable[[int], int]) -> dict[int, float]:
+    """RTT per size through a LocalFabric whose two ends take the messages inline."""
+    fabric = LocalFabric()
+    endpoint, echo = fabric.endpoint(ME), fabric.endpoint(ECHO)
+    replies: list[Any] = []
+    echo.handle_inline(tuple, lambda message: echo.send(ME, message) or True)
+    endpoint.handle_inline(tuple, lambda message: replies.append(message) or True)
+    return {size: rtt_us(endpoint, size, reps(size), replies.pop) for size in sizes}
 
 
 def run_zmq(
@@ -160,12 +176,13 @@ def main() -> None:
         return max(8, int(scale * min(20000, (2 << 30) // size)))
 
     local = run_local(SIZES, reps)
+    inline = run_local_inline(SIZES, reps)
     remote = run_zmq(SIZES, reps, count)
-    print(f"{'size':>7} | {'local RTT us':>12} | {'zmq RTT us':>10} | {'zmq MB/s':>9}")
-    print("-" * 48)
+    print(f"{'size':>7} | {'local RTT us':>12} | {'inline RTT us':>13} | {'zmq RTT us':>10} | {'zmq MB/s':>9}")
+    print("-" * 64)
     for size in SIZES:
         rtt, mb_s = remote[size]
-        print(f"{human(size):>7} | {local[size]:12.1f} | {rtt:10.1f} | {mb_s:9.0f}")
+        print(f"{human(size):>7} | {local[size]:12.1f} | {inline[size]:13.1f} | {rtt:10.1f} | {mb_s:9.0f}")
     in_band, frames = serialization_ms(SIZES[-1])
     big_rtt, big_bw = remote[SIZES[-1]]
     print(
