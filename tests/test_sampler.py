@@ -100,3 +100,12 @@ def test_seeded_rows_do_not_depend_on_their_batch():
         tokens, _ = sample_tokens(batch, params, [step] * 6, torch.Generator().manual_seed(step))
         assert tokens[2] == alone[step]
     assert len(set(alone)) > 5
+
+
+def test_greedy_takes_the_first_of_equal_maxima_as_argmax_does():
+    """transformers' greedy decoding is argmax (first maximum); tied logits must agree."""
+    logits = torch.zeros(3, 32000)
+    logits[0, [5, 100, 31999]] = 1.0
+    logits[1, [31999, 7]] = 2.0  # the later index set first
+    tokens, _ = sample_tokens(logits, [SamplingParams(temperature=0.0)] * 3, [0] * 3)
+    assert tokens == [5, 7, 0] == torch.argmax(logits, dim=-1).tolist()
