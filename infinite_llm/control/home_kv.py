@@ -264,13 +264,16 @@ class HomeKV:
         what it has beyond its headroom. None (wait) if that is short now but would not be on an
         empty cluster; a request too large ever to leave every holder its headroom gets the
         whole room (else it could never start)."""
-        spare = [max(0, r - self.headroom_blocks) for r in room]
+        def past_headroom(rooms: list[int]) -> list[int]:
+            return [max(0, r - self.headroom_blocks) for r in rooms]
+
+        spare = past_headroom(room)
         if need <= sum(spare):
             return spare
         # Empty, the home has its pool and each peer its lend cap (every instance has our config).
         pool = self.rm.pool.num_blocks
         empty = [pool] + [min(self.rm.lend_cap, pool)] * (self.num_instances - 1)
-        if need <= sum(max(0, r - self.headroom_blocks) for r in empty):
+        if need <= sum(past_headroom(empty)):
             return None
         return room
 

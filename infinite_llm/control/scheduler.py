@@ -342,10 +342,8 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         self._passes.pop(request.request_id, None)
-        if request.request_id in self.starving:
-            self.starving.discard(request.request_id)
+        if self._end_starving(request.request_id):
             self._unyielding.add(request.request_id)
-            self.holds.append((request.request_id, False))
         for waiting in passed:
             self._passes[waiting.request_id] = self._passes.get(waiting.request_id, 0) + 1
             if self._passes[waiting.request_id] >= self.STARVATION_PASSES:
@@ -358,6 +356,14 @@ class Scheduler:
         self._passes.pop(request_id, None)
         self.starving.add(request_id)
         self.holds.append((request_id, True))
+
+    def _end_starving(self, request_id: str) -> bool:
+        """If the request starved, it no longer does and its peers' hold ends; whether it did."""
+        if request_id not in self.starving:
+            return False
+        self.starving.discard(request_id)
+        self.holds.append((request_id, False))
+        return True
 
     def take_holds(self) -> list[tuple[str, bool]]:
         holds, self.holds = self.holds, []
@@ -478,9 +484,7 @@ class Scheduler:
         self.kv.free(request.request_id)
         self._passes.pop(request.request_id, None)
         self._unyielding.discard(request.request_id)
-        if request.request_id in self.starving:
-            self.starving.discard(request.request_id)
-            self.holds.append((request.request_id, False))
+        self._end_starving(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.finished_time = now

@@ -310,6 +310,8 @@ class GuestAttention:
         self.rank, self.rm, self.lock, self.cache, self.device = rank, rmanager, lock, cache, device
         self._steps: dict[int, tuple[int, _GuestStep]] = {}  # home -> (step, its layout)
         self._count_lock = threading.Lock()  # homes' threads serve here at once (in process)
+        k = cache.k[0]
+        self._slot_bytes = 2 * k[0, 0].numel() * k.element_size()  # K and V of one token, one layer
         self.num_served = 0
 
     def serve(self, query: AttnQuery) -> AttnPartial:
@@ -375,12 +377,10 @@ class GuestAttention:
                 segments.append((s.start_pos, s.num_queries, blocks, positions))
                 # Every visible block is full but the last (it may hold end_pos - 1).
                 keys += bs * len(visible) - max(0, (positions[-1] + 1) * bs - s.end_pos)
-        k = self.cache.k[0]
-        slot_bytes = 2 * k[0, 0].numel() * k.element_size()  # K and V of one token, one layer
         layout = _GuestStep(build_segments(segments, bs, self.device),
                             torch.tensor(slots, dtype=torch.long, device=self.device),
                             self._rows(query.seqs, has_blocks), sum(s.num_queries for s in query.seqs),
-                            keys * slot_bytes)
+                            keys * self._slot_bytes)
         self._steps[query.home] = (query.step, layout)
         return layout
 
