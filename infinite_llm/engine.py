@@ -118,7 +118,8 @@ class LLMEngine:
             raise ValueError(f"headroom_fraction must be in [0, 1), got {config.scheduler.headroom_fraction}")
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
         self.cluster = self._start_cluster()
-        self.router = Router(self.cluster.router_endpoint, cluster.num_instances, cache.block_size)
+        self.router = Router(self.cluster.router_endpoint, cluster.num_instances, cache.block_size,
+                             config.scheduler.max_num_batched_tokens)
         try:
             self.router.wait_ready(timeout_s=120)
         except BaseException:

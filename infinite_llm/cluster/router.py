@@ -24,13 +24,13 @@ from infinite_llm.transport.base import Endpoint, TransportClosed
 
 
 class Router:
-    def __init__(self, endpoint: Endpoint, num_instances: int, block_size: int) -> None:
+    def __init__(self, endpoint: Endpoint, num_instances: int, block_size: int, step_tokens: int) -> None:
         self.endpoint = endpoint
         self.num_instances = num_instances  # at start; `members` grows as instances join
         self.members: list[int] = list(range(num_instances))
         self.homes: dict[str, int] = {}
         self._lock = threading.Lock()  # the pump updates the view the caller's thread reads
-        self._dispatcher = Dispatcher(num_instances, block_size)
+        self._dispatcher = Dispatcher(num_instances, block_size, step_tokens)
         self.dead: set[int] = set()
         self._updates: queue.SimpleQueue[list[m.RequestUpdate] | m.InstanceDown] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._pump, name="router", daemon=True)

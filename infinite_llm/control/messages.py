@@ -188,6 +188,9 @@ class InstanceLoad:
     num_waiting_for_memory: int = 0
     waiting_tokens: int = 0
     running_tokens: int = 0
+    # Tokens of prompt (or recompute) chunks still to run: each request's tokens not computed
+    # yet, less the one it decodes next.
+    prefill_backlog_tokens: int = 0
     # Cumulative counters of the instance (for stats and benchmarks).
     num_steps: int = 0
     num_preemptions: int = 0

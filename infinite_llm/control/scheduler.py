@@ -139,6 +139,8 @@ class Scheduler:
             num_waiting_for_memory=len(self.waiting) if memory_short else 0,
             waiting_tokens=sum(r.num_tokens for r in self.waiting),
             running_tokens=sum(r.num_tokens for r in self.running),
+            prefill_backlog_tokens=sum(max(0, r.num_tokens - r.num_computed_tokens - 1)
+                                       for r in itertools.chain(self.running, self.waiting)),
         )
 
     @property

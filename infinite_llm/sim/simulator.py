@@ -5,7 +5,8 @@ Every instance is an engine of its own (`SimInstance`: the real `RManager`, `Hom
 the time its loop is free. Nothing steps the cluster as a whole. Events, in time order:
 
 - arrival: the router's rule (`control/dispatch.py`, shared with `cluster/router.py`) picks a home on the view the
-  gManager last sent it (most free blocks, corrected for what it dispatched since); the request
+  gManager last sent it (where the prompt fits, then the least prompt work queued, then the most free
+  blocks; corrected for what it dispatched since); the request
   reaches the home after a link latency.
   A request no instance could ever hold is refused at the front end, as `LLMEngine` does;
 - instance step: finish the step in flight (scheduler update), then begin the next one (inbound
@@ -134,7 +135,7 @@ class Simulator:
                             setup.scheduler, setup.lend_fraction, setup.migration_tokens_per_step, setup.token_id)
         self.instances = [SimInstance(i, spec, self, self._pool_state, self._room) for i in range(n)]
         self.rmanagers = [inst.rm for inst in self.instances]
-        self.router = Dispatcher(n, setup.block_size)
+        self.router = Dispatcher(n, setup.block_size, setup.scheduler.max_num_batched_tokens)
         self._perf = setup.rebalancer_perf or setup.cost.perf
         self._rebalancer = setup.rebalancer_config()
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []

@@ -9,12 +9,12 @@ from infinite_llm.control.messages import InstanceLoad, InstanceStatus
 from tests.control.cluster_harness import make_request as req
 
 
-def _status(i: int, free: int, batch: int = 0) -> InstanceStatus:
-    return InstanceStatus(i, 64, free, 0, 0, 0, InstanceLoad(batch_size=batch))
+def _status(i: int, free: int, batch: int = 0, backlog: int = 0) -> InstanceStatus:
+    return InstanceStatus(i, 64, free, 0, 0, 0, InstanceLoad(batch_size=batch, prefill_backlog_tokens=backlog))
 
 
 def test_most_free_blocks_then_fewest_requests_then_lowest_id():
-    d = Dispatcher(3, block_size=4)
+    d = Dispatcher(3, block_size=4, step_tokens=64)
     d.update_view({0: _status(0, 10, batch=2), 1: _status(1, 10, batch=1), 2: _status(2, 5)})
     assert d.choose_home() == 1
     d.update_view({0: _status(0, 10), 1: _status(1, 10), 2: _status(2, 5)})
@@ -22,7 +22,7 @@ def test_most_free_blocks_then_fewest_requests_then_lowest_id():
 
 
 def test_a_burst_spreads_until_the_view_reports_it():
-    d = Dispatcher(2, block_size=4)
+    d = Dispatcher(2, block_size=4, step_tokens=64)
     view = {0: _status(0, 20), 1: _status(1, 16)}
     d.update_view(view)
     homes = [d.dispatch(req(f"r{i}", 8)) for i in range(4)]  # 2 blocks each
@@ -34,7 +34,7 @@ def test_a_burst_spreads_until_the_view_reports_it():
 
 
 def test_dispatch_skips_dead_instances_and_fails_when_none_is_left():
-    d = Dispatcher(3, block_size=8)
+    d = Dispatcher(3, block_size=8, step_tokens=64)
     d.update_view({
         0: InstanceStatus(0, 16, 16, 0, 0, 14, InstanceLoad(), state="dead"),
         1: InstanceStatus(1, 16, 2, 0, 0, 2, InstanceLoad()),
@@ -44,3 +44,30 @@ def test_dispatch_skips_dead_instances_and_fails_when_none_is_left():
     assert d.choose_home(exclude={2}) == 1
     with pytest.raises(NoLiveInstanceError):
         d.choose_home(exclude={1, 2})
+
+
+def test_a_newcomer_avoids_an_instance_busy_with_a_long_prompt():
+    d = Dispatcher(2, block_size=4, step_tokens=64)
+    d.update_view({0: _status(0, 30, backlog=4000), 1: _status(1, 10)})
+    assert d.choose_home(blocks_needed=2) == 1  # 0 has more room, but 62 steps of prompt queued
+    # Less than a step of prompt work does not outweigh memory.
+    d.update_view({0: _status(0, 30, backlog=63), 1: _status(1, 10)})
+    assert d.choose_home(blocks_needed=2) == 0
+
+
+def test_a_request_goes_where_its_prompt_fits_before_anything_else():
+    d = Dispatcher(2, block_size=4, step_tokens=64)
+    d.update_view({0: _status(0, 5), 1: _status(1, 40, backlog=4000)})
+    assert d.choose_home(blocks_needed=3) == 0
+    assert d.choose_home(blocks_needed=10) == 1  # waiting for memory at 0 would be worse
+    assert d.choose_home(blocks_needed=50) == 0  # fits nowhere: the least prompt work queued first
+
+
+def test_a_long_prompt_dispatched_counts_as_backlog_until_its_home_reports():
+    d = Dispatcher(2, block_size=4, step_tokens=64)
+    view = {0: _status(0, 64), 1: _status(1, 48)}
+    d.update_view(view)
+    assert d.dispatch(req("long", 160)) == 0  # 40 blocks: 0 still has the most room after it
+    assert d.dispatch(req("short", 8)) == 1  # 0 has 160 tokens of prompt queued
+    d.update_view({0: _status(0, 24, backlog=0), 1: _status(1, 46)})  # 0 prefilled it
+    assert d.choose_home(blocks_needed=2) == 1  # most room now

@@ -271,10 +271,12 @@ def test_load_figures():
     s.add_request(req("c", 2))
     load = s.load()
     assert (load.batch_size, load.num_waiting, load.waiting_tokens, load.running_tokens) == (0, 3, 38, 0)
+    assert load.prefill_backlog_tokens == 19 + 15 + 1  # each prompt but the token it samples from
     assert load.num_waiting_for_memory == 0  # nothing tried yet
     run_step(s)
     load = s.load()
     assert (load.batch_size, load.num_waiting, load.waiting_tokens, load.running_tokens) == (1, 2, 18, 21)
+    assert load.prefill_backlog_tokens == 15 + 1  # a decodes: nothing of it is queued
     assert load.num_waiting_for_memory == 2  # b did not fit: everyone behind it waits for memory
 
 
