@@ -8,12 +8,13 @@ Least loaded on the gManager's view, in this order:
    keep the newcomer's tokens flowing, so both lose); counted in whole steps of the instance's
    token budget, so that a few short prompts do not outweigh memory;
 3. the most free KV blocks, then the fewest requests, then the lowest id.
-Each is corrected for what was dispatched to an instance since the view last changed for it, so
-a burst of arrivals spreads out instead of landing on the instance that looked emptiest.
+Each is corrected for the requests dispatched to an instance that its last report did not count
+yet, so a burst of arrivals spreads out instead of landing on the instance that looked emptiest.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Collection, Optional
 
@@ -27,11 +28,11 @@ class NoLiveInstanceError(RuntimeError):
 
 @dataclass
 class _Sent:
-    """Dispatched to an instance since the view last changed for it."""
+    """A request dispatched to an instance whose reports do not count it yet."""
 
-    blocks: int = 0
-    requests: int = 0
-    tokens: int = 0
+    seq: int  # the instance's n-th request from this router (1-based)
+    blocks: int
+    tokens: int
 
 
 class Dispatcher:
@@ -42,28 +43,32 @@ class Dispatcher:
         self.block_size = block_size
         self.step_tokens = step_tokens  # an instance's per-step token budget
         self.view: dict[int, InstanceStatus] = {}
-        self._sent = {i: _Sent() for i in self.members}
+        self._num_sent = {i: 0 for i in self.members}
+        self._unreported: dict[int, deque[_Sent]] = {i: deque() for i in self.members}
 
     def add_instance(self, instance_id: int) -> None:
-        if instance_id not in self._sent:
+        if instance_id not in self._num_sent:
             self.members.append(instance_id)
-            self._sent[instance_id] = _Sent()
+            self._num_sent[instance_id] = 0
+            self._unreported[instance_id] = deque()
 
     def update_view(self, statuses: dict[int, InstanceStatus]) -> None:
-        """A `ClusterView` from the gManager arrived."""
+        """A `ClusterView` from the gManager arrived. An instance's report counts the requests
+        it had taken in when it was made (`num_received`), not necessarily all that were sent."""
         for i, status in statuses.items():
-            if i in self._sent and self.view.get(i) != status:  # it reported since: its count includes ours
-                self._sent[i] = _Sent()
+            pending = self._unreported.get(i)
+            while pending and pending[0].seq <= status.load.num_received:
+                pending.popleft()
         self.view = dict(statuses)
 
     def choose_home(self, exclude: Collection[int] = (), blocks_needed: int = 0) -> int:
         """The least-loaded instance that is neither excluded nor reported dead, for a request
         whose prompt takes `blocks_needed` KV blocks."""
         def score(i: int) -> tuple[bool, int, int, int, int]:
-            status, sent = self.view.get(i), self._sent[i]
-            free = (status.num_free if status else 0) - sent.blocks
-            load = (status.load.batch_size + status.load.num_waiting if status else 0) + sent.requests
-            backlog = (status.load.prefill_backlog_tokens if status else 0) + sent.tokens
+            status, pending = self.view.get(i), self._unreported[i]
+            free = (status.num_free if status else 0) - sum(p.blocks for p in pending)
+            load = (status.load.batch_size + status.load.num_waiting if status else 0) + len(pending)
+            backlog = (status.load.prefill_backlog_tokens if status else 0) + sum(p.tokens for p in pending)
             return (free >= blocks_needed, -(backlog // self.step_tokens), free, -load, -i)
 
         live = [i for i in self.members
@@ -76,8 +81,6 @@ class Dispatcher:
         """The request's home (the least-loaded live one unless given), counted as sent there."""
         blocks = -(-request.num_tokens // self.block_size)
         home = self.choose_home(exclude, blocks) if home is None else home
-        sent = self._sent[home]
-        sent.blocks += blocks
-        sent.requests += 1
-        sent.tokens += request.num_tokens
+        self._num_sent[home] += 1
+        self._unreported[home].append(_Sent(self._num_sent[home], blocks, request.num_tokens))
         return home

@@ -191,6 +191,7 @@ class InstanceLoad:
     # Tokens of prompt (or recompute) chunks still to run: each request's tokens not computed
     # yet, less the one it decodes next.
     prefill_backlog_tokens: int = 0
+    num_received: int = 0  # requests handed to the instance, ever (taken in or refused)
     # Cumulative counters of the instance (for stats and benchmarks).
     num_steps: int = 0
     num_preemptions: int = 0

@@ -77,6 +77,7 @@ class Scheduler:
         # wait; 0: none this step). Newly admitted prompts are not held back by it.
         self.prefill_chunk_cap: Optional[int] = None
         self.num_preemptions = 0  # cumulative, over all requests ever seen
+        self.num_received = 0  # add_request calls, ever
         # (borrower, request) pairs to ask for lent blocks back; the engine sends them.
         self.reclaims: list[tuple[int, str]] = []
         self._reclaiming: set[str] = set()
@@ -97,6 +98,7 @@ class Scheduler:
     def add_request(self, request: Request, enforce_queue_limit: bool = True) -> None:
         """Queue a request (QueueFullError past `max_waiting`, unless told not to: a request
         recomputed after its home died was admitted once already)."""
+        self.num_received += 1  # the router's pending count of this instance ends here, taken or not
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if request.num_prompt_tokens == 0:
@@ -141,6 +143,7 @@ class Scheduler:
             running_tokens=sum(r.num_tokens for r in self.running),
             prefill_backlog_tokens=sum(max(0, r.num_tokens - r.num_computed_tokens - 1)
                                        for r in itertools.chain(self.running, self.waiting)),
+            num_received=self.num_received,
         )
 
     @property

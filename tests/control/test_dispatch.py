@@ -9,8 +9,9 @@ from infinite_llm.control.messages import InstanceLoad, InstanceStatus
 from tests.control.cluster_harness import make_request as req
 
 
-def _status(i: int, free: int, batch: int = 0, backlog: int = 0) -> InstanceStatus:
-    return InstanceStatus(i, 64, free, 0, 0, 0, InstanceLoad(batch_size=batch, prefill_backlog_tokens=backlog))
+def _status(i: int, free: int, batch: int = 0, backlog: int = 0, received: int = 0) -> InstanceStatus:
+    load = InstanceLoad(batch_size=batch, prefill_backlog_tokens=backlog, num_received=received)
+    return InstanceStatus(i, 64, free, 0, 0, 0, load)
 
 
 def test_most_free_blocks_then_fewest_requests_then_lowest_id():
@@ -69,5 +70,9 @@ def test_a_long_prompt_dispatched_counts_as_backlog_until_its_home_reports():
     d.update_view(view)
     assert d.dispatch(req("long", 160)) == 0  # 40 blocks: 0 still has the most room after it
     assert d.dispatch(req("short", 8)) == 1  # 0 has 160 tokens of prompt queued
-    d.update_view({0: _status(0, 24, backlog=0), 1: _status(1, 46)})  # 0 prefilled it
+    d.update_view({0: _status(0, 64), 1: _status(1, 48)})  # reports from before they took them in
+    assert d.choose_home(blocks_needed=2) == 1
+    d.update_view({0: _status(0, 24, received=1), 1: _status(1, 46, received=1)})  # 0 prefilled it
     assert d.choose_home(blocks_needed=2) == 1  # most room now
+    d.update_view({0: _status(0, 48, received=1), 1: _status(1, 46, received=1)})
+    assert d.choose_home(blocks_needed=2) == 0

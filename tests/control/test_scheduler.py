@@ -272,6 +272,7 @@ def test_load_figures():
     load = s.load()
     assert (load.batch_size, load.num_waiting, load.waiting_tokens, load.running_tokens) == (0, 3, 38, 0)
     assert load.prefill_backlog_tokens == 19 + 15 + 1  # each prompt but the token it samples from
+    assert load.num_received == 3
     assert load.num_waiting_for_memory == 0  # nothing tried yet
     run_step(s)
     load = s.load()
