@@ -431,3 +431,46 @@ def test_a_starving_long_request_holds_its_peers_admissions_and_then_runs(llama_
         assert final[rid].output_token_ids == hf_greedy(llama_checkpoint, prompt, params[rid]), rid
     assert peer_holds == [(0, "long", True), (0, "long", False)]
     assert_all_free(llm)
+
+
+def test_new_requests_avoid_an_instance_busy_with_a_long_prompt(llama_checkpoint, engines):
+    """The router sends short requests away from the home of a long prompt still being
+    prefilled, both before that home reported it and once it did, though that home has more
+    free blocks than the other instance (the rule before looked at free blocks first, and sent
+    them behind the prompt); the outputs stay exact."""
+    # Slowed steps: the reports see the long prompt half done (15 steps of 16 tokens), and the
+    # request that fills instance 1 still decoding.
+    llm = engines(llama_checkpoint, instances=2, blocks=64, placement="static", batched_tokens=16,
+                  debug_step_delay_s={0: 0.05, 1: 0.02})
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    filler, long_prompt, first, second = prompts(11, [360, 240, 10, 12])
+    outputs: dict[str, object] = {}
+
+    def step_until(done) -> None:
+        while not done():
+            assert engine.has_unfinished_requests(), "everything finished first"
+            for out in engine.step(timeout_s=0.01):
+                outputs[out.request_id] = out
+
+    # 46 of instance 1's 64 blocks once decoding (360 + 8 tokens), against 30 for the long prompt.
+    engine.add_request("filler", filler, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), home=1)
+    step_until(lambda: "filler" in outputs and engine.router.view()[1].load.prefill_backlog_tokens == 0)
+    engine.add_request("long", long_prompt, params)
+    engine.add_request("first", first, params)  # nothing reported yet: the long prompt counts as sent
+    homes = dict(engine.router.homes)
+    assert homes["long"] == 0  # the most free blocks, no prompt queued
+
+    def reported() -> bool:
+        load = engine.router.view()[0].load
+        return load.num_received >= 1 and load.prefill_backlog_tokens > 16
+
+    step_until(reported)
+    engine.add_request("second", second, params)
+    assert homes["first"] == 1 and engine.router.homes["second"] == 1
+    step_until(lambda: not engine.has_unfinished_requests() or all(
+        r in outputs and outputs[r].finished for r in ("filler", "long", "first", "second")))
+    for request_id, prompt, n in (("filler", filler, 8), ("long", long_prompt, 6), ("first", first, 6),
+                                  ("second", second, 6)):
+        assert outputs[request_id].output_token_ids == hf_greedy(llama_checkpoint, prompt, n)
+    assert_all_free(llm)
