@@ -453,8 +453,9 @@ def test_new_requests_avoid_an_instance_busy_with_a_long_prompt(llama_checkpoint
             for out in engine.step(timeout_s=0.01):
                 outputs[out.request_id] = out
 
-    # 46 of instance 1's 64 blocks once decoding (360 + 8 tokens), against 30 for the long prompt.
-    engine.add_request("filler", filler, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), home=1)
+    # 48 of instance 1's 64 blocks (360 + 24 tokens), against 30 for the long prompt; its 24
+    # decode steps outlast the wait for a report.
+    engine.add_request("filler", filler, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), home=1)
     step_until(lambda: "filler" in outputs and engine.router.view()[1].load.prefill_backlog_tokens == 0)
     engine.add_request("long", long_prompt, params)
     engine.add_request("first", first, params)  # nothing reported yet: the long prompt counts as sent
@@ -470,7 +471,7 @@ def test_new_requests_avoid_an_instance_busy_with_a_long_prompt(llama_checkpoint
     assert homes["first"] == 1 and engine.router.homes["second"] == 1
     step_until(lambda: not engine.has_unfinished_requests() or all(
         r in outputs and outputs[r].finished for r in ("filler", "long", "first", "second")))
-    for request_id, prompt, n in (("filler", filler, 8), ("long", long_prompt, 6), ("first", first, 6),
+    for request_id, prompt, n in (("filler", filler, 24), ("long", long_prompt, 6), ("first", first, 6),
                                   ("second", second, 6)):
         assert outputs[request_id].output_token_ids == hf_greedy(llama_checkpoint, prompt, n)
     assert_all_free(llm)
