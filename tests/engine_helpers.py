@@ -28,6 +28,21 @@ def prompts(seed: int, lengths: list[int], vocab: int = 200) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
+def run_until(engine, condition, outputs: dict, timeout_s: float = 60.0) -> None:
+    """Step `engine` until `condition()` holds, appending every output to outputs[request_id]."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        for out in engine.step(timeout_s=0.02):
+            outputs.setdefault(out.request_id, []).append(out)
+
+
+def drain(engine, outputs: dict, timeout_s: float = 60.0) -> dict:
+    """Step until nothing is unfinished; each request's last output."""
+    run_until(engine, lambda: not engine.has_unfinished_requests(), outputs, timeout_s)
+    return {rid: outs[-1] for rid, outs in outputs.items()}
+
+
 def assert_all_free(llm: LLM, timeout_s: float = 10.0, exclude: tuple[int, ...] = ()) -> None:
     """Once the messages in flight land: invariants hold and no block is used anywhere (on the
     instances not in `exclude`: a dead instance's pool died with it)."""

@@ -13,7 +13,7 @@ from infinite_llm.control.scheduler import RequestTooLongError
 from infinite_llm.engine import LLM
 from infinite_llm.instance import attention as attention_module
 from infinite_llm.sampling import SamplingParams
-from tests.engine_helpers import assert_all_free, prompts
+from tests.engine_helpers import assert_all_free, drain, prompts, run_until
 from tests.hf_fixtures import hf_greedy, write_tiny_checkpoint
 
 
@@ -445,13 +445,11 @@ def test_new_requests_avoid_an_instance_busy_with_a_long_prompt(llama_checkpoint
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     filler, long_prompt, first, second = prompts(11, [360, 240, 10, 12])
-    outputs: dict[str, object] = {}
+    outputs: dict[str, list] = {}
 
     def step_until(done) -> None:
-        while not done():
-            assert engine.has_unfinished_requests(), "everything finished first"
-            for out in engine.step(timeout_s=0.01):
-                outputs[out.request_id] = out
+        run_until(engine, lambda: done() or not engine.has_unfinished_requests(), outputs)
+        assert done(), "everything finished first"
 
     # 48 of instance 1's 64 blocks (360 + 24 tokens), against 30 for the long prompt; its 24
     # decode steps outlast the wait for a report.
@@ -469,9 +467,8 @@ def test_new_requests_avoid_an_instance_busy_with_a_long_prompt(llama_checkpoint
     step_until(reported)
     engine.add_request("second", second, params)
     assert homes["first"] == 1 and engine.router.homes["second"] == 1
-    step_until(lambda: not engine.has_unfinished_requests() or all(
-        r in outputs and outputs[r].finished for r in ("filler", "long", "first", "second")))
+    final = drain(engine, outputs)
     for request_id, prompt, n in (("filler", filler, 24), ("long", long_prompt, 6), ("first", first, 6),
                                   ("second", second, 6)):
-        assert outputs[request_id].output_token_ids == hf_greedy(llama_checkpoint, prompt, n)
+        assert final[request_id].output_token_ids == hf_greedy(llama_checkpoint, prompt, n)
     assert_all_free(llm)

@@ -16,7 +16,7 @@ import pytest
 from infinite_llm.control.dispatch import NoLiveInstanceError
 from infinite_llm.engine import LLM
 from infinite_llm.sampling import SamplingParams
-from tests.engine_helpers import assert_all_free, prompts
+from tests.engine_helpers import assert_all_free, drain, prompts, run_until
 from tests.hf_fixtures import hf_greedy, write_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -48,19 +48,6 @@ def crash_next_step(llm: LLM, rank: int) -> None:
         raise RuntimeError("injected fault: this instance's step crashed")
 
     llm.engine.cluster.instances[rank].scheduler.schedule = boom
-
-
-def run_until(engine, condition, outputs: dict, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        for out in engine.step(timeout_s=0.02):
-            outputs.setdefault(out.request_id, []).append(out)
-
-
-def drain(engine, outputs: dict, timeout_s: float = 60.0) -> dict:
-    run_until(engine, lambda: not engine.has_unfinished_requests(), outputs, timeout_s)
-    return {rid: outs[-1] for rid, outs in outputs.items()}
 
 
 def tokens_so_far(outputs: dict, rid: str) -> int:
