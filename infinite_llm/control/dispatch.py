@@ -1,13 +1,15 @@
 """The router's dispatch rule (pure Python; the real router and the simulator share it).
 
 Least loaded on the gManager's view, in this order:
-1. the request's prompt fits the instance's free KV blocks (else it would wait for memory there,
-   and the instance would take back blocks it lent, preempting a long request);
+1. the request's prompt fits the instance's free KV blocks, less those its waiting requests will
+   take (else it would wait for memory there behind them, and the instance would take back blocks
+   it lent, preempting a long request);
 2. the fewest steps of prompt work queued (a long prompt being prefilled makes its home slow for
    a newcomer: it shares every step with the prompt's chunks, and the prompt's chunks shrink to
    keep the newcomer's tokens flowing, so both lose); counted in whole steps of the instance's
    token budget, so that a few short prompts do not outweigh memory;
-3. the most free KV blocks, then the fewest requests, then the lowest id.
+3. the most free KV blocks (less the waiting requests' again), then the fewest requests, then the
+   lowest id.
 Each is corrected for the requests dispatched to an instance that its last report did not count
 yet, so a burst of arrivals spreads out instead of landing on the instance that looked emptiest.
 """
@@ -66,7 +68,7 @@ class Dispatcher:
         whose prompt takes `blocks_needed` KV blocks."""
         def score(i: int) -> tuple[bool, int, int, int, int]:
             status, pending = self.view.get(i), self._unreported[i]
-            free = (status.num_free if status else 0) - sum(p.blocks for p in pending)
+            free = (status.num_free - self._queued_blocks(status) if status else 0) - sum(p.blocks for p in pending)
             load = (status.load.batch_size + status.load.num_waiting if status else 0) + len(pending)
             backlog = (status.load.prefill_backlog_tokens if status else 0) + sum(p.tokens for p in pending)
             return (free >= blocks_needed, -(backlog // self.step_tokens), free, -load, -i)
@@ -76,6 +78,11 @@ class Dispatcher:
         if not live:
             raise NoLiveInstanceError("no instance is alive to serve the request")
         return max(live, key=score)
+
+    def _queued_blocks(self, status: InstanceStatus) -> int:
+        """Blocks the instance's waiting requests will take: an instance whose head waits for
+        blocks it lent out has free blocks that a newcomer cannot use before that head runs."""
+        return -(-status.load.waiting_tokens // self.block_size)
 
     def dispatch(self, request: Request, home: Optional[int] = None, exclude: Collection[int] = ()) -> int:
         """The request's home (the least-loaded live one unless given), counted as sent there."""

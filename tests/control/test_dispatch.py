@@ -9,8 +9,10 @@ from infinite_llm.control.messages import InstanceLoad, InstanceStatus
 from tests.control.cluster_harness import make_request as req
 
 
-def _status(i: int, free: int, batch: int = 0, backlog: int = 0, received: int = 0) -> InstanceStatus:
-    load = InstanceLoad(batch_size=batch, prefill_backlog_tokens=backlog, num_received=received)
+def _status(i: int, free: int, batch: int = 0, backlog: int = 0, received: int = 0,
+            waiting_tokens: int = 0) -> InstanceStatus:
+    load = InstanceLoad(batch_size=batch, num_waiting=1 if waiting_tokens else 0, waiting_tokens=waiting_tokens,
+                        prefill_backlog_tokens=backlog, num_received=received)
     return InstanceStatus(i, 64, free, 0, 0, 0, load)
 
 
@@ -76,3 +78,16 @@ def test_a_long_prompt_dispatched_counts_as_backlog_until_its_home_reports():
     assert d.choose_home(blocks_needed=2) == 1  # most room now
     d.update_view({0: _status(0, 48, received=1), 1: _status(1, 46, received=1)})
     assert d.choose_home(blocks_needed=2) == 0
+
+
+def test_free_blocks_that_waiting_requests_will_take_do_not_count():
+    # Instance 0 runs nothing and only its free blocks fit the newcomer (20 blocks), but its head
+    # waits for blocks it lent out (it needs 40, 30 are free): the newcomer would wait behind
+    # it. Seen in the simulator: the router kept sending requests to such an idle instance, as
+    # the only one they "fit", while its queue grew to 500K tokens.
+    d = Dispatcher(2, block_size=4, step_tokens=64)
+    d.update_view({0: _status(0, 30, backlog=160, waiting_tokens=160), 1: _status(1, 10, batch=3)})
+    assert d.choose_home(blocks_needed=20) == 1
+    # Its waiting requests leave room for the newcomer: the prompt fits there, so it goes there.
+    d.update_view({0: _status(0, 30, backlog=40, waiting_tokens=40), 1: _status(1, 10, batch=3)})
+    assert d.choose_home(blocks_needed=20) == 0
