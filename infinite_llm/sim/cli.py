@@ -1,8 +1,10 @@
 """`infinite-llm simulate`: the three placement policies on a simulated GPU cluster.
 
 Default: 32 x A100-80GB serving LLaMA2-7B, the paper-scale "mixed" trace (short prompts of
-1K-60K tokens, 20% long ones of 60K-2000K), 200 requests at 16 req/s -- a rate that saturates the
-cluster, so throughput measures capacity rather than the arrival rate. Every policy replays:
+1K-60K tokens, 20% long ones of 60K-2000K), 200 requests at 16 req/s. At that rate requests queue
+at their homes (the run lasts about 3x the arrivals' span), but the KV pools stay about a quarter
+full: the cluster is not memory-bound, and the largest prompts' prefill sets much of the makespan.
+Heavier traces (--num-requests, --request-rate) make memory the limit. Every policy replays:
 
 1. the full trace (static rejects what does not fit one instance); the requests static can
    serve are also measured inside it (infinite must not starve them to serve the long ones);
