@@ -68,7 +68,7 @@ class Dispatcher:
         whose prompt takes `blocks_needed` KV blocks."""
         def score(i: int) -> tuple[bool, int, int, int, int]:
             status, pending = self.view.get(i), self._unreported[i]
-            free = (status.num_free - self._queued_blocks(status) if status else 0) - sum(p.blocks for p in pending)
+            free = (self._usable_blocks(status) if status else 0) - sum(p.blocks for p in pending)
             load = (status.load.batch_size + status.load.num_waiting if status else 0) + len(pending)
             backlog = (status.load.prefill_backlog_tokens if status else 0) + sum(p.tokens for p in pending)
             return (free >= blocks_needed, -(backlog // self.step_tokens), free, -load, -i)
@@ -79,10 +79,11 @@ class Dispatcher:
             raise NoLiveInstanceError("no instance is alive to serve the request")
         return max(live, key=score)
 
-    def _queued_blocks(self, status: InstanceStatus) -> int:
-        """Blocks the instance's waiting requests will take: an instance whose head waits for
-        blocks it lent out has free blocks that a newcomer cannot use before that head runs."""
-        return -(-status.load.waiting_tokens // self.block_size)
+    def _usable_blocks(self, status: InstanceStatus) -> int:
+        """Free blocks less those the instance's waiting requests will take: an instance whose
+        head waits for blocks it lent out has free blocks a newcomer cannot use before it."""
+        queued = -(-status.load.waiting_tokens // self.block_size)  # rounded up
+        return status.num_free - queued
 
     def dispatch(self, request: Request, home: Optional[int] = None, exclude: Collection[int] = ()) -> int:
         """The request's home (the least-loaded live one unless given), counted as sent there."""

@@ -7,8 +7,7 @@ the time its loop is free. Nothing steps the cluster as a whole. Events, in time
 - arrival: the router's rule (`control/dispatch.py`, shared with `cluster/router.py`) picks a home on the view the
   gManager last sent it (where the prompt fits the free blocks its waiting requests leave, then the
   least prompt work queued, then the most such blocks; counting what it dispatched that the
-  instances' reports do not include yet); the request
-  reaches the home after a link latency.
+  instances' reports do not include yet); the request reaches the home after a link latency.
   A request no instance could ever hold is refused at the front end, as `LLMEngine` does;
 - instance step: finish the step in flight (scheduler update), then begin the next one (inbound
   requests and orders, commit copies, schedule, issue copies) and price it (`pricing.py`). The
