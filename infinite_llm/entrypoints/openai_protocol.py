@@ -169,8 +169,7 @@ class ChatCompletionRequest(_SamplingFields):
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def to_sampling_params(self, seed_offset: int = 0) -> SamplingParams:
-        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(limit, seed_offset)
+        return self._sampling_params(getattr(self, self.token_limit_field), seed_offset)
 
 
 # ------------------------------------------------------------------------------ responses
