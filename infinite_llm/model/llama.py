@@ -139,7 +139,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, H, D]; cos/sin [T, D]."""
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return x * cos + _rotate_half(x) * sin
+    return (x * cos).add_(_rotate_half(x).mul_(sin))
 
 
 # --------------------------------------------------------------------------- layers
@@ -156,7 +156,7 @@ class RMSNorm(nn.Module):
         input_dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(input_dtype)
+        return x32.to(input_dtype).mul_(self.weight)
 
 
 class LlamaAttentionProjections(nn.Module):
@@ -200,7 +200,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -212,8 +212,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, layer_idx: int, h: Tensor, cos: Tensor, sin: Tensor, attention: AttentionBackend) -> Tensor:
-        h = h + self.self_attn(layer_idx, self.input_layernorm(h), cos, sin, attention)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # In-place where a result is fresh and used once (here and in the norm, rotary and MLP):
+        # the same values, but no new [T, ...] buffer per op, whose pages a CPU touches anew.
+        h = h.add_(self.self_attn(layer_idx, self.input_layernorm(h), cos, sin, attention))
+        return h.add_(self.mlp(self.post_attention_layernorm(h)))
 
 
 class LlamaForCausalLM(nn.Module):
