@@ -124,6 +124,11 @@ class SchedulerConfig:
     # it keeps this share of its KV pool free for the requests that fit one instance (else they
     # would soon reclaim its blocks and its computed prompt would be lost).
     headroom_fraction: float = 0.25
+    # A request larger than one instance waits for its holders at every layer: a step carrying
+    # a chunk of its prompt makes the requests that fit one instance wait as long. Its chunks
+    # therefore run in steps of their own while such requests have work, and share their step
+    # at most once every this many steps (so that it is slowed, never starved).
+    spanning_prefill_every: int = 16
     max_waiting: int = 1024  # bounded waiting queue (the server answers 429 past this)
 
 

@@ -33,6 +33,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="the same bound while the prompt runs alone (bounds a newcomer's first-token delay)")
     g.add_argument("--headroom-fraction", type=float, default=SchedulerConfig.headroom_fraction,
                    help="a request larger than one instance is admitted only while every instance holding part of it keeps this share of its KV pool free for the requests that fit one instance (infinite)")
+    g.add_argument("--spanning-prefill-every", type=int, default=SchedulerConfig.spanning_prefill_every,
+                   help="a prompt chunk of a request larger than one instance shares a step with requests that fit one at most once every this many steps; else it runs in steps of its own (1: always shares)")
     g.add_argument("--max-waiting", type=int, default=1024, help="waiting-queue bound (HTTP 429 past it)")
     g.add_argument("--rebalance-interval-s", type=float, default=0.5,
                    help="the gManager plans KV migrations this often (infinite policy)")
@@ -79,6 +81,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             prefill_slowdown=args.prefill_slowdown,
             lone_prefill_slowdown=args.lone_prefill_slowdown,
             headroom_fraction=args.headroom_fraction,
+            spanning_prefill_every=args.spanning_prefill_every,
             max_waiting=args.max_waiting,
         ),
         seed=args.seed,

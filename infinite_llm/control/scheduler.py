@@ -56,7 +56,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: HomeKV, max_context: int) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "spanning_prefill_every"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
         threshold = config.long_prefill_token_threshold
@@ -82,6 +82,7 @@ class Scheduler:
         self.reclaims: list[tuple[int, str]] = []
         self._reclaiming: set[str] = set()
         self._held_back_last_step = False  # see _hold_back_older_chunks
+        self._spanning_chunks_deferred = 0  # steps in a row that left them out (see _defer_spanning_chunks)
         # Requests larger than one instance: how many requests were admitted past each while it
         # waited; past STARVATION_PASSES it starves, and then stops yielding (see _starve).
         self._passes: dict[str, int] = {}
@@ -249,6 +250,7 @@ class Scheduler:
             num_running = len(scheduled)
             self._admit_waiting(budget, chunk_cap, scheduled)
             self._hold_back_older_chunks(scheduled, num_running)
+        self._defer_spanning_chunks(scheduled)
         return self._output(scheduled, preempted)
 
     def _output(self, scheduled: list[tuple[Request, int]], preempted: list[Request]) -> SchedulerOutput:
@@ -286,6 +288,22 @@ class Scheduler:
             self._held_back_last_step = True
         else:
             self._held_back_last_step = False
+
+    def _defer_spanning_chunks(self, scheduled: list[tuple[Request, int]]) -> None:
+        """Prompt chunks of requests larger than one instance leave a step that carries requests
+        fitting one instance, except every `spanning_prefill_every`-th such step: such a chunk
+        waits for its holders at every layer (they compute most of its attention), and the
+        requests sharing its step would wait with it."""
+        spanning = [i for i, (r, _) in enumerate(scheduled) if self._spans_instances(r) and not self._is_decoding(r)]
+        if not spanning:
+            return
+        alone = all(self._spans_instances(r) for r, _ in scheduled)
+        if alone or self._spanning_chunks_deferred + 1 >= self.config.spanning_prefill_every:
+            self._spanning_chunks_deferred = 0
+            return
+        self._spanning_chunks_deferred += 1
+        for i in reversed(spanning):
+            del scheduled[i]
 
     # How far down the waiting queue admission looks past requests larger than an instance.
     ADMISSION_LOOKAHEAD = 64

@@ -81,6 +81,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--headroom-fraction", type=float, default=SchedulerConfig.headroom_fraction,
                    help="as the engine's: the share of its pool every holder of a request larger than "
                         "one instance keeps free when that request is admitted")
+    s.add_argument("--spanning-prefill-every", type=int, default=SchedulerConfig.spanning_prefill_every,
+                   help="as the engine's: a prompt chunk of a request larger than one instance shares a step "
+                        "with requests that fit one at most once every this many steps")
     s.add_argument("--migration-tokens-per-step", type=int, default=1024,
                    help="KV a home copies per step at most while migrating")
     s.add_argument("--heartbeat-interval-s", type=float, default=0.1)
@@ -129,7 +132,7 @@ def scheduler_config(args: argparse.Namespace, num_requests: int) -> SchedulerCo
         max_num_seqs=args.max_seqs_per_instance, max_num_batched_tokens=args.max_batched_tokens_per_instance,
         long_prefill_token_threshold=args.max_batched_tokens_per_instance, max_waiting=max(1024, num_requests),
         prefill_slowdown=args.prefill_slowdown, lone_prefill_slowdown=args.lone_prefill_slowdown,
-        headroom_fraction=args.headroom_fraction,
+        headroom_fraction=args.headroom_fraction, spanning_prefill_every=args.spanning_prefill_every,
     )
 
 

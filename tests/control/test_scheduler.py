@@ -18,9 +18,10 @@ from tests.control.cluster_harness import Cluster, make_request as req
 
 
 def make(num_instances=1, blocks=16, block_size=4, placement="infinite", budget=16, max_seqs=8, max_waiting=100,
-         threshold=None, seed=0, headroom=0.0, lend_fraction=1.0):
+         threshold=None, seed=0, headroom=0.0, lend_fraction=1.0, spanning_every=16):
     config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=max_waiting,
-                             long_prefill_token_threshold=threshold, headroom_fraction=headroom)
+                             long_prefill_token_threshold=threshold, headroom_fraction=headroom,
+                             spanning_prefill_every=spanning_every)
     return Cluster(num_instances, blocks, block_size, placement, lend_fraction=lend_fraction, seed=seed,
                    scheduler=config, headroom_fraction=headroom)
 
@@ -385,6 +386,25 @@ def test_a_request_larger_than_its_instance_does_not_hold_up_those_behind_it():
     assert [r.request_id for r in s.running] == ["short"]
     assert [r.request_id for r in s.waiting] == ["long", "big"]
     assert c[0].rm.lending_paused  # "big" fits this instance: its memory is not lent away
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_prompt_larger_than_its_instance_shares_a_step_with_others_once_every_n_steps(every):
+    c = make(num_instances=2, blocks=16, budget=8, spanning_every=every)
+    s = c[0].scheduler
+    s.add_request(req("long", 72, max_tokens=2))  # 18 blocks > 16: spans both instances
+    assert [w.request_id for w in run_step(s).batch] == ["long"]  # alone: its chunk runs
+    s.add_request(req("short", 4, max_tokens=16))
+    assert [w.request_id for w in run_step(s).batch] == ["short"]  # admitted (older chunks held back)
+    carried = []  # per step with short decoding: whether a chunk of long's prompt ran beside it
+    while "short" in s.requests and not s.requests["short"].is_finished:
+        ids = [w.request_id for w in run_step(s).batch]
+        carried.append("long" in ids)
+    assert carried == [i % every == every - 1 for i in range(len(carried))]  # slowed, not starved
+    while s.has_unfinished():  # short is done: long's chunks take every step
+        assert [w.request_id for w in run_step(s).batch] == ["long"]
+    c.check()
+    assert c.used_blocks() == [0, 0]
 
 
 def test_a_normal_head_stops_admission_as_before():
