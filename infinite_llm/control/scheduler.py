@@ -15,6 +15,9 @@ Every step the scheduler spends a token budget (`max_num_batched_tokens`):
    prefill chunk, until the budget, `max_num_seqs` or the KV memory runs out. A step that admits
    newcomers leaves out the chunks of prompts already running (not two steps in a row), so a
    newcomer's first token waits for its own prefill, not for a slice of someone's long prompt.
+3. A prompt chunk of a request larger than one instance leaves a step that carries requests
+   fitting one instance, except once every `spanning_prefill_every` such steps: it waits for its
+   holders at every layer, and whoever shares its step waits as long.
 
 Each instance has its own scheduler over the requests homed on it (the router picked the home):
 its own budget, batch and preemption; nothing is shared with other instances' schedulers. The

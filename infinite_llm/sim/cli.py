@@ -212,7 +212,7 @@ def _describe(spec: SimClusterSpec, args: argparse.Namespace, trace: Sequence[Tr
         f"workload {args.workload}: {len(trace)} requests at {args.request_rate} req/s (seed {args.seed}), "
         f"prompts {min(prompts):,}-{max(prompts):,} tokens; {len(common)} fit one instance; each instance: "
         f"{sched.max_num_seqs} seqs, {sched.max_num_batched_tokens} tokens per step, prefill slowdown "
-        f"{sched.prefill_slowdown}/{sched.lone_prefill_slowdown}, headroom {sched.headroom_fraction}; heartbeats every "
+        f"{sched.prefill_slowdown}/{sched.lone_prefill_slowdown}, headroom {sched.headroom_fraction}, spanning prefill every {sched.spanning_prefill_every} steps; heartbeats every "
         f"{args.heartbeat_interval_s} s, rebalancing every {args.rebalance_interval_s} s"
     )
 
