@@ -127,6 +127,8 @@ def scheduler_config(args: argparse.Namespace, num_requests: int) -> SchedulerCo
         raise ValueError("--max-seqs-per-instance and --max-batched-tokens-per-instance must be >= 1")
     if min(args.prefill_slowdown, args.lone_prefill_slowdown) <= 1:
         raise ValueError("--prefill-slowdown and --lone-prefill-slowdown must be > 1")
+    if args.spanning_prefill_every < 1:
+        raise ValueError("--spanning-prefill-every must be >= 1")
     # max_waiting: big enough that no request of the trace is turned away for a full queue.
     return SchedulerConfig(
         max_num_seqs=args.max_seqs_per_instance, max_num_batched_tokens=args.max_batched_tokens_per_instance,

@@ -275,6 +275,8 @@ def test_cli_rejects_bad_arguments():
         parser.parse_args(["--sweep", "8,zero"])
     with pytest.raises(ValueError, match="--instances"):
         sim_cli.main_from_args(parser.parse_args(["--instances", "0"]))
+    with pytest.raises(ValueError, match="--spanning-prefill-every"):
+        sim_cli.scheduler_config(parser.parse_args(["--spanning-prefill-every", "0"]), 10)
 
 
 def test_the_simulator_does_not_import_torch():
