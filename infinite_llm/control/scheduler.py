@@ -297,11 +297,11 @@ class Scheduler:
         fitting one instance, except every `spanning_prefill_every`-th such step: such a chunk
         waits for its holders at every layer (they compute most of its attention), and the
         requests sharing its step would wait with it."""
-        spanning = [i for i, (r, _) in enumerate(scheduled) if self._spans_instances(r) and not self._is_decoding(r)]
+        spans = [self._spans_instances(r) for r, _ in scheduled]
+        spanning = [i for i, (r, _) in enumerate(scheduled) if spans[i] and not self._is_decoding(r)]
         if not spanning:
             return
-        alone = all(self._spans_instances(r) for r, _ in scheduled)
-        if alone or self._spanning_chunks_deferred + 1 >= self.config.spanning_prefill_every:
+        if all(spans) or self._spanning_chunks_deferred + 1 >= self.config.spanning_prefill_every:
             self._spanning_chunks_deferred = 0
             return
         self._spanning_chunks_deferred += 1
