@@ -11,6 +11,7 @@ from infinite_llm.config import EngineConfig, ModelConfig
 from infinite_llm.cluster.gmanager_service import GManagerService
 from infinite_llm.control.messages import GMANAGER, ROUTER, InstanceJoined, RemoveInstance
 from infinite_llm.control.perf_model import PerfModel, default_perf_model
+from infinite_llm.instance.scratch_thread import run_on_scratch_thread
 from infinite_llm.transport.local import LocalFabric
 
 
@@ -48,7 +49,8 @@ class LocalCluster:
             # Instance threads each running torch's full intra-op pool oversubscribe the cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
         dtype = config.cache.dtype if config.cache.dtype != "auto" else None
-        _, model = load_model(model_path, device=cluster.device, dtype=dtype)
+        # Torch work off the caller's thread (see instance/scratch_thread.py).
+        _, model = run_on_scratch_thread(lambda: load_model(model_path, device=cluster.device, dtype=dtype))
         model.eval()  # shared read-only by the instance threads
         self.config, self.model_config, self.model = config, model_config, model
         self.fabric = LocalFabric()
@@ -63,8 +65,11 @@ class LocalCluster:
     def _make_instance(self, rank: int, members: list[int]):
         from infinite_llm.instance.engine import InstanceEngine
 
-        return InstanceEngine(rank, self.config, self.model_config, self.model, self.fabric.endpoint(rank),
-                              device=self.config.cluster.device, members=members)
+        endpoint = self.fabric.endpoint(rank)
+        # The KV cache is allocated (and zeroed) by torch: off the caller's thread too.
+        return run_on_scratch_thread(lambda: InstanceEngine(
+            rank, self.config, self.model_config, self.model, endpoint, device=self.config.cluster.device,
+            members=members))
 
     def add_instance(self) -> int:
         """Start a new instance thread set with the next id; the gManager admits it."""

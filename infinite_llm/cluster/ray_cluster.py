@@ -61,6 +61,7 @@ class _InstanceActor:
         import torch
 
         from infinite_llm.instance.engine import InstanceEngine
+        from infinite_llm.instance.scratch_thread import run_on_scratch_thread
         from infinite_llm.model.files import resolve_on_this_host
         from infinite_llm.model.loader import load_model
 
@@ -72,11 +73,13 @@ class _InstanceActor:
         dtype = self.config.cache.dtype if self.config.cache.dtype != "auto" else None
         # The files on this actor's host, not a path of the driver's.
         path = resolve_on_this_host(self.model_spec, self.model_fingerprint)
-        _, model = load_model(path, device=device, dtype=dtype)
+        # Torch work off the actor's own thread, which outlives it (see instance/scratch_thread.py).
+        _, model = run_on_scratch_thread(lambda: load_model(path, device=device, dtype=dtype))
         model.eval()
         self.endpoint.connect(peers)
-        self.engine = InstanceEngine(self.rank, self.config, self.model_config, model, self.endpoint, device=device,
-                                     members=members, host=self.host)
+        self.engine = run_on_scratch_thread(lambda: InstanceEngine(
+            self.rank, self.config, self.model_config, model, self.endpoint, device=device, members=members,
+            host=self.host))
         self.engine.start()
         return os.getpid()
 
