@@ -5,9 +5,9 @@ as long as that thread. When the pools of a process hold more threads than there
 libgomp stops spinning between parallel regions, so every region of an instance's step (a few
 per layer) waits for its workers to be woken by the kernel. Setting an instance up on the
 caller's thread (the main thread, the API server's engine thread, a Ray actor's thread) leaves
-such a pool behind for good: measured on 2 cores, one instance's decode step took 27% longer
-(15.4 vs 11.4 ms, `benchmarks/bench_decode.py --engine`). Set up on a thread that exits, the pool
-goes with it, and the instance's step thread has the cores' pool to itself.
+such a pool behind for good: measured on 2 cores, one instance's decode step took a third longer
+(15.5 vs 11.6 ms per token, `benchmarks/bench_engine_step.py`). Set up on a thread that exits,
+the pool goes with it, and the instance's step thread has the cores' pool to itself.
 """
 
 from __future__ import annotations
