@@ -81,8 +81,11 @@ class DecodeRun:
 
 
 def _placement(engine: LLMEngine, request_id: str) -> tuple[int, int]:
-    """(blocks, blocks away from home) of a running request, read from its home instance."""
-    home = engine.router.homes[request_id]
+    """(blocks, blocks away from home) of a running request, read from its home instance; (0, 0)
+    once the router has seen it finish (an earlier output of the same poll may still be read)."""
+    home = engine.router.homes.get(request_id)
+    if home is None:
+        return 0, 0
     holders = engine.cluster.instances[home].kv.holders(request_id)
     return sum(holders.values()), sum(n for i, n in holders.items() if i != home)
 
