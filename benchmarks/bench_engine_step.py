@@ -34,19 +34,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_decode import hf_model  # noqa: E402
 from bench_models import ensure_bench_model  # noqa: E402
 
 from infinite_llm.engine import LLM  # noqa: E402
 from infinite_llm.instance.scratch_thread import run_on_scratch_thread  # noqa: E402
-from infinite_llm.model.loader import resolve_model_path  # noqa: E402
 from infinite_llm.sampling import SamplingParams  # noqa: E402
-
-
-def hf_model(model: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    path = str(resolve_model_path(model))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def ours_decode(llm: LLM, prompt: list[int], n: int) -> tuple[float, list[int]]:
@@ -119,7 +112,7 @@ def main() -> None:
         parser.error("--decode must be >= 2 and --rounds >= 1")
     model = str(run_on_scratch_thread(ensure_bench_model)) if args.model == "bench" else args.model
     overrides = {} if args.lone_prefill_slowdown is None else {"lone_prefill_slowdown": args.lone_prefill_slowdown}
-    hf = run_on_scratch_thread(lambda: hf_model(model))
+    hf = run_on_scratch_thread(lambda: hf_model(model, "cpu"))
     gen = torch.Generator().manual_seed(0)
     decode_prompt = torch.randint(3, 256, (args.context,), generator=gen).tolist()
     prefill_prompts = [torch.randint(3, 256, (args.prefill_len,), generator=gen).tolist() for _ in range(args.rounds)]
