@@ -112,8 +112,8 @@ def decode_run(engine: LLMEngine, args: argparse.Namespace, request_id: str) -> 
     return DecodeRun(gaps, blocks, away, engine.stats().num_migrated_blocks)
 
 
-def split_vs_local(args: argparse.Namespace) -> tuple[float, float]:
-    """Median inter-token times (local on one instance, split over 2), alternating rounds.
+def split_vs_local(args: argparse.Namespace) -> dict[str, float]:
+    """Median inter-token times by variant ("local", "local-1t", "split"), alternating rounds.
 
     Each round builds its engine, runs it alone in the process (an idle second engine's threads
     were measured to slow a 2-thread engine's decode 1.7x) after an untimed warm-up run (the
@@ -149,8 +149,7 @@ def split_vs_local(args: argparse.Namespace) -> tuple[float, float]:
                   f"{run.away} away from home, migrated {run.migrated}, "
                   f"median inter-token {statistics.median(run.inter_token_s) * 1e3:.2f} ms")
     torch.set_num_threads(default_threads)
-    local = min(statistics.median(times["local"]), statistics.median(times["local-1t"]))
-    return local, statistics.median(times["split"])
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def lone_request(args: argparse.Namespace) -> DecodeRun:
@@ -187,9 +186,10 @@ def main() -> None:
 
     args.backend = "local"
     print(f"== decode, context {args.context} tokens: split over 2 instances vs all on one instance")
-    local, split = split_vs_local(args)
-    print(f"  median inter-token time: local {local * 1e3:.2f} ms, split {split * 1e3:.2f} ms")
-    print(f"  ratio split/local decode step time = {split / local:.2f}")
+    med = split_vs_local(args)
+    local = min(med["local"], med["local-1t"])
+    print(f"  median inter-token time: local {local * 1e3:.2f} ms, split {med['split'] * 1e3:.2f} ms")
+    print(f"  ratio split/local decode step time = {med['split'] / local:.2f}")
 
     print(f"== lone request, context {args.context} tokens, idle 2-instance cluster with room at home")
     lone = lone_request(args)
