@@ -73,7 +73,7 @@ class _InstanceActor:
         dtype = self.config.cache.dtype if self.config.cache.dtype != "auto" else None
         # The files on this actor's host, not a path of the driver's.
         path = resolve_on_this_host(self.model_spec, self.model_fingerprint)
-        # Torch work off the actor's own thread, which outlives it (see instance/scratch_thread.py).
+        # Torch work off the actor's own thread, which lives on after the set-up (see instance/scratch_thread.py).
         _, model = run_on_scratch_thread(lambda: load_model(path, device=device, dtype=dtype))
         model.eval()
         self.endpoint.connect(peers)
