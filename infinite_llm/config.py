@@ -116,8 +116,9 @@ class SchedulerConfig:
     # that several prompts prefill side by side instead of one long prompt taking every step.
     long_prefill_token_threshold: Optional[int] = None
     # A step carrying a running prompt's chunk may take this many times a decode-only step
-    # (measured) while others decode or wait, or `lone_prefill_slowdown` times when the prompt
-    # runs alone; chunks are sized to fit (control/pacer.py).
+    # (measured) while others decode or wait; chunks are sized to fit. A prompt alone takes the
+    # whole budget, and a request arriving during its step waits at most `lone_prefill_slowdown`
+    # - 1 decode-only steps: past that the step is called off and redone (control/pacer.py).
     prefill_slowdown: float = 2.0
     lone_prefill_slowdown: float = 4.0
     # A request larger than one instance is admitted only while every instance holding part of

@@ -30,7 +30,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="a step carrying a running prompt's chunk may take this many times a decode-only step "
                         "while others decode or wait (chunks are sized from measured step times)")
     g.add_argument("--lone-prefill-slowdown", type=float, default=SchedulerConfig.lone_prefill_slowdown,
-                   help="the same bound while the prompt runs alone (bounds a newcomer's first-token delay)")
+                   help="a prompt alone takes the whole budget; a request arriving during its step waits at "
+                        "most this - 1 decode-only steps (past that the step is called off and redone)")
     g.add_argument("--headroom-fraction", type=float, default=SchedulerConfig.headroom_fraction,
                    help="a request larger than one instance is admitted only while every instance holding part of it keeps this share of its KV pool free for the requests that fit one instance (infinite)")
     g.add_argument("--spanning-prefill-every", type=int, default=SchedulerConfig.spanning_prefill_every,

@@ -46,9 +46,9 @@ class LocalFaults:
         runner = self.llm.engine.cluster.instances[rank].runner
         resume, execute = threading.Event(), runner.execute
 
-        def hang(batch, step):
+        def hang(batch, step, called_off=None):
             resume.wait()
-            return execute(batch, step)
+            return execute(batch, step, called_off)
 
         runner.execute = hang
         self.hung.append(resume)

@@ -472,3 +472,49 @@ def test_new_requests_avoid_an_instance_busy_with_a_long_prompt(llama_checkpoint
                                   ("second", second, 6)):
         assert final[request_id].output_token_ids == hf_greedy(llama_checkpoint, prompt, n)
     assert_all_free(llm)
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_a_newcomer_calls_off_a_prompt_step_running_alone_and_both_stay_exact(llama_checkpoint, engines,
+                                                                               instances):
+    """A prompt alone runs whole-budget steps; a request arriving during one calls it off before
+    its next layer (no decode step measured yet: any wait is too long), and the chunk is redone.
+    With 2 instances the long prompt's KV spans both, so holders' late partials are dropped too."""
+    long_prompt, short_prompt = prompts(11, [150, 7])
+    llm = engines(llama_checkpoint, instances=instances, blocks=12 if instances == 2 else 64, batched_tokens=64)
+    engine = llm.engine
+    home = engine.cluster.instances[0]
+    waiting, newcomer_in = threading.Event(), threading.Event()
+    real = home._newcomer_calls_off
+
+    def pause_first_lone_step(started):
+        called_off = real(started)
+        if waiting.is_set():
+            return called_off
+
+        def held(layer):  # hold the first lone step at layer 1 until the newcomer is in the inbox
+            if not waiting.is_set():
+                waiting.set()
+                assert newcomer_in.wait(10)
+                deadline = time.monotonic() + 10
+                while home._num_arrived == home._num_taken_in:
+                    assert time.monotonic() < deadline, "the newcomer never reached the instance"
+                    time.sleep(0.001)
+            return called_off(layer)
+
+        return held
+
+    home._newcomer_calls_off = pause_first_lone_step
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine.add_request("long", long_prompt, params, home=0)
+    outputs: dict = {}
+    run_until(engine, waiting.is_set, outputs)
+    engine.add_request("short", short_prompt, params, home=0)
+    newcomer_in.set()
+    final = drain(engine, outputs)
+    assert home.num_called_off == 1
+    assert final["long"].output_token_ids == hf_greedy(llama_checkpoint, long_prompt, 8)
+    assert final["short"].output_token_ids == hf_greedy(llama_checkpoint, short_prompt, 8)
+    assert_all_free(llm)
+    if instances == 2:
+        assert not home.mailbox._partials, "a called-off step's partials were left behind"

@@ -114,9 +114,9 @@ def test_wedged_instance_is_declared_dead_and_fenced_when_it_resumes(checkpoint,
     release = threading.Event()
     execute = wedged.runner.execute
 
-    def hang(batch, step):
+    def hang(batch, step, called_off=None):
         release.wait()
-        return execute(batch, step)
+        return execute(batch, step, called_off)
 
     batch = prompts(24, [60, 50, 40])
     lengths = [16, 16, 48]  # r2, homed on the instance that hangs, outlives the fault

@@ -4,12 +4,16 @@ A step that carries a prompt chunk makes every request in it, and every request 
 meanwhile, wait for it. The pacer learns the time of a decode-only step (an average over recent
 ones; it asks for one on purpose when it has none or its figure is old) and the cost per prompt
 token of recent steps, and caps the next chunk at what fits in `slowdown` times a decode-only
-step while others decode or wait, or `lone_slowdown` times when the prompt runs alone (which
-bounds the first-token delay of a request arriving during it). A chunk's cost per token grows
-with its position (attention over the whole prefix), so the cap shrinks as a long prompt
-advances. When even one token does not fit while others decode, the prompt still gets one token
-every `min_progress_every` steps: it is slowed, never starved; alone it always gets at least an
-sixteenth of the budget per step.
+step while others decode or wait. A chunk's cost per token grows with its position (attention
+over the whole prefix), so the cap shrinks as a long prompt advances. When even one token does
+not fit, the prompt still gets one token every `min_progress_every` steps: it is slowed, never
+starved.
+
+A prompt running alone takes the whole budget: small chunks would waste the step's fixed cost
+(every weight read once per step) with nobody to make room for. A request that arrives during
+such a step would wait for all of it, so the instance calls the step off at its next layer
+(`interrupts`) when the rest of it would take longer than `lone_slowdown` - 1 decode-only steps;
+the prompt redoes that chunk, paced, beside the newcomer.
 """
 
 from __future__ import annotations
@@ -27,9 +31,6 @@ class PrefillPacer:
         self.lone_slowdown = lone_slowdown
         self.probe_every = probe_every
         self.min_progress_every = min_progress_every
-        # A prompt alone always gets this much per step: per-token cost measured on small chunks
-        # overstates it (a chunk's fixed cost of reading the whole prefix is split over few tokens).
-        self.lone_floor = max(1, budget // 16)
         self.smoothing = smoothing
         self.decode_step_s: Optional[float] = None
         self.prefill_token_s: Optional[float] = None
@@ -41,12 +42,9 @@ class PrefillPacer:
         this step, e.g. a decode-only step to measure)."""
         if has_decodes and (self.decode_step_s is None or self._steps_since_probe >= self.probe_every):
             return 0
-        if self.decode_step_s is None or self.prefill_token_s is None:
+        if not contended or self.decode_step_s is None or self.prefill_token_s is None:
             return None
-        factor = self.slowdown if contended else self.lone_slowdown
-        fit = int((factor - 1.0) * self.decode_step_s / self.prefill_token_s)
-        if not contended:  # nobody waits on it: keep a floor so a long prompt never crawls
-            return min(self.budget, max(fit, self.lone_floor))
+        fit = int((self.slowdown - 1.0) * self.decode_step_s / self.prefill_token_s)
         if fit >= 1:
             self._starved_steps = 0
             return min(fit, self.budget)
@@ -55,6 +53,16 @@ class PrefillPacer:
             self._starved_steps = 0
             return 1
         return 0
+
+    def interrupts(self, elapsed_s: float, fraction_done: float) -> bool:
+        """Whether a step of prompts running alone, `fraction_done` through its layers after
+        `elapsed_s`, is called off for a request that just arrived: the rest of it would make the
+        newcomer wait more than `lone_slowdown` - 1 decode-only steps (before the first decode
+        step is measured, any wait is too long)."""
+        if fraction_done <= 0.0:
+            return True
+        remaining_s = elapsed_s * (1.0 - fraction_done) / fraction_done
+        return remaining_s > (self.lone_slowdown - 1.0) * (self.decode_step_s or 0.0)
 
     def observe(self, step_s: float, prefill_tokens: int, num_decodes: int) -> None:
         if prefill_tokens == 0:

@@ -164,6 +164,15 @@ class PeerLost(RuntimeError):
         self.instance = instance
 
 
+class StepInterrupted(RuntimeError):
+    """The step was called off between layers (a request arrived during a prompt running alone):
+    nothing of it is committed, and the scheduler runs those tokens again."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__(f"step called off before layer {layer}")
+        self.layer = layer
+
+
 class PartialMailbox:
     """Where the message pump drops `AttnPartial`s for the step thread waiting on them.
 
@@ -176,11 +185,12 @@ class PartialMailbox:
         self._partials: dict[tuple[int, int, int], AttnPartial] = {}
         self._lost: set[int] = set()
         self._closed = False
+        self._done_below = 0  # steps before this one have ended: their late partials are dropped
         self.on_wait = on_wait
 
     def put(self, partial: AttnPartial) -> None:
         with self._cond:
-            if partial.holder in self._lost:
+            if partial.holder in self._lost or partial.step < self._done_below:
                 return
             self._partials[(partial.step, partial.layer, partial.holder)] = partial
             self._cond.notify_all()
@@ -216,7 +226,9 @@ class PartialMailbox:
             return self._partials.pop(key)
 
     def drop_step(self, step: int) -> None:
+        """`step` has ended (steps end in order); a partial for it or an earlier one is stale."""
         with self._cond:
+            self._done_below = max(self._done_below, step + 1)
             for key in [k for k in self._partials if k[0] == step]:
                 del self._partials[key]
 
@@ -226,12 +238,16 @@ class StepAttention:
 
     def __init__(self, rank: int, step: int, layout: StepLayout, cache: PagedKVCache,
                  send: Callable[[int, object], None], mailbox: PartialMailbox,
-                 num_heads: int, head_dim: int, timeout_s: float) -> None:
+                 num_heads: int, head_dim: int, timeout_s: float,
+                 called_off: Optional[Callable[[int], bool]] = None) -> None:
         self.rank, self.step, self.layout, self.cache = rank, step, layout, cache
         self.send, self.mailbox, self.timeout_s = send, mailbox, timeout_s
         self.hq, self.d = num_heads, head_dim
+        self.called_off = called_off  # asked before each layer after the first
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer and self.called_off is not None and self.called_off(layer):
+            raise StepInterrupted(layer)
         layout = self.layout
         self.cache.write(layer, layout.local_write_slots, self._take(k, layout.local_write_rows),
                          self._take(v, layout.local_write_rows))

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -40,7 +40,7 @@ from infinite_llm.control.plan import BlockRef, SampleResult
 from infinite_llm.control.request import FinishReason, Request
 from infinite_llm.control.rmanager import RManager
 from infinite_llm.control.scheduler import Scheduler, SchedulerOutput
-from infinite_llm.instance.attention import GuestAttention, PartialMailbox, PeerLost
+from infinite_llm.instance.attention import GuestAttention, PartialMailbox, PeerLost, StepInterrupted
 from infinite_llm.instance.kv_cache import PagedKVCache
 from infinite_llm.instance.runner import ModelRunner
 from infinite_llm.transport.base import Endpoint, TransportClosed
@@ -98,6 +98,11 @@ class InstanceEngine:
         self.guests = GuestAttention(rank, self.rm, self.lock, self.cache, self.device)
         self.step_delay_s = (cluster.debug_step_delay_s or {}).get(rank, 0.0)  # test hook: a slow instance
         self._inbound: deque[object] = deque()
+        # New requests received (the pump counts first, then queues) and taken in by the loop: a
+        # difference is a request waiting for its first step.
+        self._num_arrived = 0
+        self._num_taken_in = 0
+        self.num_called_off = 0  # steps of prompts alone called off for a newcomer
         self._wake = threading.Event()
         self._calls: dict[int, _Call] = {}
         self._tags = itertools.count()
@@ -189,7 +194,7 @@ class InstanceEngine:
             self._snapshot()
             return False
         results = self._execute(out)
-        if results is None:  # a holder died mid-step: recover at the next boundary, then redo
+        if results is None:  # called off, or a holder died mid-step (recovered at the next boundary): redo
             return True
         self._update(out, results)
         self._snapshot()
@@ -200,8 +205,12 @@ class InstanceEngine:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         started = time.perf_counter()
+        called_off = self._newcomer_calls_off(started) if out.num_decodes == 0 else None
         try:
-            results = self.runner.execute(out.batch, self.num_steps)
+            results = self.runner.execute(out.batch, self.num_steps, called_off)
+        except StepInterrupted:  # nothing was committed: the prompt redoes the chunk beside the newcomer
+            self.num_called_off += 1
+            return None
         except PeerLost as lost:
             # Nothing was committed: the scheduler redoes these tokens (KV writes are idempotent)
             # once the requests with KV on the dead holder are put back to recompute.
@@ -213,6 +222,17 @@ class InstanceEngine:
             return [SampleResult(w.request_id, -1, error=error) for w in out.batch]
         self.pacer.observe(time.perf_counter() - started, out.num_prefill_tokens, out.num_decodes)
         return results
+
+    def _newcomer_calls_off(self, started: float) -> Callable[[int], bool]:
+        """For a step of prompts alone: a request that arrived since calls it off before a layer
+        if the rest of the step would make it wait too long (PrefillPacer.interrupts)."""
+        num_layers = self.runner.config.num_hidden_layers
+
+        def called_off(layer: int) -> bool:
+            return (self._num_arrived > self._num_taken_in
+                    and self.pacer.interrupts(time.perf_counter() - started, layer / num_layers))
+
+        return called_off
 
     def _update(self, out: SchedulerOutput, results: list[SampleResult]) -> None:
         now = time.monotonic()
@@ -251,6 +271,7 @@ class InstanceEngine:
         while self._inbound:
             item = self._inbound.popleft()
             if isinstance(item, m.AddRequest):
+                self._num_taken_in += 1
                 self._admit(item.request, item.resumed)
             elif isinstance(item, m.AbortRequest):
                 request = self.scheduler.abort(item.request_id)
@@ -340,6 +361,8 @@ class InstanceEngine:
                 continue
             if isinstance(message, (m.AddRequest, m.AbortRequest, m.MigrationOrder, m.InstanceJoined, m.ReclaimBlocks,
                                     m.AdmissionHold)):
+                if isinstance(message, m.AddRequest):
+                    self._num_arrived += 1
                 self._inbound.append(message)
                 self._wake.set()
                 continue

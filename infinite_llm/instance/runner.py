@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -29,11 +29,15 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed * 1000003 + rank)
 
     @torch.inference_mode()
-    def execute(self, batch: list[SeqWork], step: int) -> list[SampleResult]:
+    def execute(self, batch: list[SeqWork], step: int,
+                called_off: Optional[Callable[[int], bool]] = None) -> list[SampleResult]:
+        """Runs the batch; `called_off(layer)`, asked before every layer after the first, may end
+        the step there with `StepInterrupted` (KV written so far is rewritten when it is redone)."""
         layout = build_step_layout(batch, self.rank, self.cache.block_size, self.device)
         assert self.config.head_dim is not None
         attention = StepAttention(self.rank, step, layout, self.cache, self.send, self.mailbox,
-                                  self.config.num_attention_heads, self.config.head_dim, self.attention_timeout_s)
+                                  self.config.num_attention_heads, self.config.head_dim, self.attention_timeout_s,
+                                  called_off)
         input_ids = torch.tensor([t for w in batch for t in w.token_ids], dtype=torch.long, device=self.device)
         positions = torch.tensor([p for w in batch for p in range(w.start_pos, w.end_pos)],
                                  dtype=torch.long, device=self.device)

@@ -58,6 +58,8 @@ class StepInFlight:
     out: SchedulerOutput
     price: StepPrice
     started_s: float
+    duration_s: float = 0.0  # on this host (stretched), holders' waits included
+    executed_s: float = 0.0  # what the engine's pacer measures of it
 
 
 @dataclass
@@ -66,6 +68,7 @@ class InstanceStats:
     compute_s: float = 0.0  # own steps' work (non-attention, local attention)
     guest_s: float = 0.0  # MicroAttention served for other homes' requests
     guest_queries: int = 0  # attention messages served for other homes (one per layer and home step)
+    num_called_off: int = 0  # steps of prompts alone called off for a newcomer (their work is lost)
     wait_s: float = 0.0  # time steps spent waiting on holders beyond local attention
     round_trip_s: float = 0.0  # waiting for gManager / creditor replies (borrowing)
     non_attention_s: float = 0.0
@@ -146,11 +149,23 @@ class SimInstance:
             self.migrations.forget(request_id)
             self.layout.forget(request_id)
 
-    def executed(self, seconds: float) -> None:
-        """The in-flight step's execution took `seconds` (as the engine's pacer measures it)."""
-        out = self.in_flight.out if self.in_flight is not None else None
-        if out is not None:
-            self.pacer.observe(seconds, out.num_prefill_tokens, out.num_decodes)
+    def call_off(self, now: float, layers: int) -> Optional[float]:
+        """As InstanceEngine: a request arrived; a step of prompts alone is called off before its
+        next layer if the rest would make the newcomer wait too long (PrefillPacer.interrupts).
+        Returns when the loop is free again, or None if the step goes on. Nothing of the step is
+        committed; holders were charged for all of it (a spanning prompt alone: rare)."""
+        step = self.in_flight
+        if step is None or step.out.num_decodes or step.duration_s <= 0.0:
+            return None
+        layer_s = step.duration_s / layers
+        done = int((now - step.started_s) / layer_s) + 1  # layers finished at the next check
+        if done >= layers or not self.pacer.interrupts(done * layer_s, done / layers):
+            return None
+        self.in_flight = None
+        self.stats.num_called_off += 1
+        guest_work_after = max(0.0, self.free_at - (step.started_s + step.duration_s))
+        self.free_at = step.started_s + done * layer_s + guest_work_after
+        return self.free_at
 
     def _pace_prefill(self) -> None:
         """The engine caps running prompts' chunks from measured step times (PrefillPacer)."""
@@ -161,6 +176,7 @@ class SimInstance:
         step = self.in_flight
         assert step is not None
         self.in_flight = None
+        self.pacer.observe(step.executed_s, step.out.num_prefill_tokens, step.out.num_decodes)
         token = self.spec.token_id
         results = [SampleResult(w.request_id, token) for w in step.out.batch if w.sample]
         finished = [r for r in self.scheduler.update(step.out, results, now) if r.is_finished]

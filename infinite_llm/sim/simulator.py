@@ -213,7 +213,10 @@ class Simulator:
         self._at(self.now + self.gmanager_latency(home), self._deliver, home, AddRequest(request))
 
     def _deliver(self, i: int, message: Any) -> None:
-        self.instances[i].inbound.append(message)
+        inst = self.instances[i]
+        inst.inbound.append(message)
+        if isinstance(message, AddRequest) and (free_at := inst.call_off(self.now, self.cost.num_layers)) is not None:
+            self._schedule_step(i, free_at)  # the step's own end event is now stale
         self._wake(i)
 
     def _admit(self, inst: SimInstance, request: Request) -> None:
@@ -247,7 +250,8 @@ class Simulator:
         self._last_progress = self.now
         stretch = self._host_stretch(i)
         duration = step.price.duration_s * stretch
-        inst.executed((step.price.duration_s - step.price.round_trip_s) * stretch)
+        step.duration_s = duration
+        step.executed_s = (step.price.duration_s - step.price.round_trip_s) * stretch
         for holder in step.price.holders:
             self._charge_guest(holder.holder, self.now + self.cost.latency(i, holder.holder), holder.compute_s)
         inst.free_at = self.now + duration

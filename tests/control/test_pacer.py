@@ -19,14 +19,25 @@ def test_cap_fits_the_allowed_slowdown():
     pacer.observe(0.010, prefill_tokens=0, num_decodes=4)  # decode-only: 10 ms
     pacer.observe(0.030, prefill_tokens=100, num_decodes=4)  # 0.2 ms per prompt token
     assert pacer.next_cap(has_decodes=True, contended=True) == 50  # 10 ms extra allowed
-    assert pacer.next_cap(has_decodes=False, contended=False) == 150  # 30 ms extra when alone
+    assert pacer.next_cap(has_decodes=False, contended=False) is None  # alone: the whole budget
 
 
-def test_a_prompt_alone_never_crawls():
+def test_a_prompt_alone_takes_the_whole_budget_however_costly_its_tokens():
     pacer = PrefillPacer(budget=512, lone_slowdown=4.0)
     pacer.observe(0.010, 0, 4)
-    pacer.observe(1.010, 10, 0)  # 100 ms per token: nothing fits in 30 ms
-    assert pacer.next_cap(has_decodes=False, contended=False) == 512 // 16
+    pacer.observe(1.010, 10, 0)  # 100 ms per token: nothing would fit in 30 ms
+    assert pacer.next_cap(has_decodes=False, contended=False) is None
+    assert pacer.next_cap(has_decodes=False, contended=True) == 0  # a waiting newcomer: paced
+
+
+def test_a_newcomer_calls_off_a_lone_step_only_if_the_rest_would_exceed_the_bound():
+    pacer = PrefillPacer(budget=512, lone_slowdown=4.0)
+    assert pacer.interrupts(elapsed_s=0.001, fraction_done=0.5)  # no decode step measured yet
+    pacer.observe(0.010, 0, 4)  # a decode-only step: 10 ms, so a newcomer may wait 30 ms
+    assert pacer.interrupts(elapsed_s=0.040, fraction_done=0.5)  # 40 ms left
+    assert not pacer.interrupts(elapsed_s=0.020, fraction_done=0.5)  # 20 ms left
+    assert not pacer.interrupts(elapsed_s=0.180, fraction_done=0.9)  # 20 ms left of a long step
+    assert pacer.interrupts(elapsed_s=0.450, fraction_done=0.9)  # 50 ms left
 
 
 def test_costlier_tokens_shrink_the_cap_at_once_and_it_grows_back_slowly():

@@ -145,6 +145,18 @@ def test_a_slow_holder_slows_the_requests_whose_blocks_it_holds():
         assert slow.record(f"r{i}").finished_s > 1.2 * fast.record(f"r{i}").finished_s
 
 
+def test_a_newcomer_calls_off_a_prompt_step_running_alone():
+    """As the engine: a prompt alone takes the whole budget; a request arriving during that step
+    calls it off at the next layer, so it waits far less than the step."""
+    one = dict(num_instances=1, placement="static")
+    step_s = simulate(tiny_setup(**one), [TraceRequest("long", 0.0, 256, 4)]).record("long").first_token_s
+    arrives = 0.3 * step_s
+    sim, result = run(tiny_setup(**one), [TraceRequest("long", 0.0, 480, 4), TraceRequest("short", arrives, 32, 4)])
+    assert sim.instances[0].stats.num_called_off == 1
+    assert result.record("short").first_token_s - arrives < 0.7 * step_s  # the rest of the step
+    assert result.record("long").output_len == 4
+
+
 def test_guest_attention_is_charged_to_the_holder():
     # One request homed on 0 spread over everyone: only 0 steps, the others serve its queries.
     sim, result = run(tiny_setup("striped"), [TraceRequest("r", 0.0, 20 * BLOCK, 8)])
