@@ -3,15 +3,15 @@ time to first token through `LLM` (scheduler, pacer, instance thread, router), s
 transformers, and what another thread's OpenMP pool costs the instance's steps.
 
     python benchmarks/bench_engine_step.py [--model bench|default|PATH] [--rounds 3]
-        [--context 512] [--decode 64] [--prefill-len 2048] [--lone-prefill-slowdown X]
+        [--context 512] [--decode 64] [--prefill-len 2048]
 
 `bench_decode.py` times `ModelRunner.execute` on the main thread; a served request runs on an
 instance's thread, scheduled and paced. Per round, alternating:
 - decode: one request of --context prompt tokens generating --decode tokens; ours = (last token
   time - first token time) / (tokens - 1), transformers = median forward + argmax step with its
   KV cache; both greedy, and the tokens are compared;
-- prefill: one --prefill-len prompt alone, ours = arrival to first token (the pacer sizes its
-  chunks: `--lone-prefill-slowdown`), transformers = one forward over the prompt + argmax;
+- prefill: one --prefill-len prompt alone, ours = arrival to first token (alone, its chunks take
+  the whole token budget), transformers = one forward over the prompt + argmax;
 - pool: our decode inter-token time while another thread of the process holds an OpenMP pool
   (it ran one matmul and waits) over the same without it.
 
@@ -105,13 +105,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64, help="tokens generated per decode run (>= 2)")
     parser.add_argument("--prefill-len", type=int, default=2048)
-    parser.add_argument("--lone-prefill-slowdown", type=float, default=None,
-                        help="the engine's pacer setting (default: the engine's default)")
     args = parser.parse_args()
     if args.decode < 2 or args.rounds < 1:
         parser.error("--decode must be >= 2 and --rounds >= 1")
     model = str(run_on_scratch_thread(ensure_bench_model)) if args.model == "bench" else args.model
-    overrides = {} if args.lone_prefill_slowdown is None else {"lone_prefill_slowdown": args.lone_prefill_slowdown}
     hf = run_on_scratch_thread(lambda: hf_model(model, "cpu"))
     gen = torch.Generator().manual_seed(0)
     decode_prompt = torch.randint(3, 256, (args.context,), generator=gen).tolist()
@@ -123,7 +120,7 @@ def main() -> None:
     def ours(i: int) -> None:
         # A fresh engine per round, shut down before transformers runs: its instance thread's pool
         # would otherwise slow transformers' thread just as a foreign pool slows ours.
-        llm = LLM(model, **overrides)
+        llm = LLM(model)
         try:
             ours_decode(llm, decode_prompt, 4)  # warm-up
             step, tokens["ours"] = ours_decode(llm, decode_prompt, args.decode)
@@ -155,7 +152,7 @@ def main() -> None:
           f"engine, transformers {med['hf_decode'] * 1e3:.2f} ms per step | ours/transformers = "
           f"{med['ours_decode'] / med['hf_decode']:.2f} | greedy tokens identical: {identical}")
     print(f"prefill {args.prefill_len} tokens alone: ours {med['ours_prefill'] * 1e3:.0f} ms to the first token "
-          f"(chunks paced, lone slowdown {args.lone_prefill_slowdown or 'default'}), transformers "
+          f"(whole-budget chunks), transformers "
           f"{med['hf_prefill'] * 1e3:.0f} ms | ours/transformers throughput = "
           f"{med['hf_prefill'] / med['ours_prefill']:.2f}")
     print(f"another thread holding an OpenMP pool: our decode {med['pool_on'] * 1e3:.2f} vs "

@@ -477,8 +477,8 @@ def test_new_requests_avoid_an_instance_busy_with_a_long_prompt(llama_checkpoint
 @pytest.mark.parametrize("instances", [1, 2])
 def test_a_newcomer_calls_off_a_prompt_step_running_alone_and_both_stay_exact(llama_checkpoint, engines,
                                                                                instances):
-    """A prompt alone runs whole-budget steps; a request arriving during one calls it off before
-    its next layer (no decode step measured yet: any wait is too long), and the chunk is redone.
+    """A prompt alone runs whole-budget steps; a request arriving during one calls it off at the
+    next check (no decode step measured yet: any wait is too long), and the chunk is redone.
     With 2 instances the long prompt's KV spans both, so holders' late partials are dropped too."""
     long_prompt, short_prompt = prompts(11, [150, 7])
     llm = engines(llama_checkpoint, instances=instances, blocks=12 if instances == 2 else 64, batched_tokens=64)
@@ -492,15 +492,15 @@ def test_a_newcomer_calls_off_a_prompt_step_running_alone_and_both_stay_exact(ll
         if waiting.is_set():
             return called_off
 
-        def held(layer):  # hold the first lone step at layer 1 until the newcomer is in the inbox
-            if not waiting.is_set():
+        def held(layers_done):  # hold the first lone step after a layer until the newcomer is in
+            if layers_done >= 1 and not waiting.is_set():
                 waiting.set()
                 assert newcomer_in.wait(10)
                 deadline = time.monotonic() + 10
                 while home._num_arrived == home._num_taken_in:
                     assert time.monotonic() < deadline, "the newcomer never reached the instance"
                     time.sleep(0.001)
-            return called_off(layer)
+            return called_off(layers_done)
 
         return held
 

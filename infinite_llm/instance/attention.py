@@ -168,9 +168,9 @@ class StepInterrupted(RuntimeError):
     """The step was called off between layers (a request arrived during a prompt running alone):
     nothing of it is committed, and the scheduler runs those tokens again."""
 
-    def __init__(self, layer: int) -> None:
-        super().__init__(f"step called off before layer {layer}")
-        self.layer = layer
+    def __init__(self, at_layer: float) -> None:
+        super().__init__(f"step called off at layer {at_layer}")
+        self.at_layer = at_layer
 
 
 class PartialMailbox:
@@ -239,15 +239,25 @@ class StepAttention:
     def __init__(self, rank: int, step: int, layout: StepLayout, cache: PagedKVCache,
                  send: Callable[[int, object], None], mailbox: PartialMailbox,
                  num_heads: int, head_dim: int, timeout_s: float,
-                 called_off: Optional[Callable[[int], bool]] = None) -> None:
+                 called_off: Optional[Callable[[float], bool]] = None) -> None:
         self.rank, self.step, self.layout, self.cache = rank, step, layout, cache
         self.send, self.mailbox, self.timeout_s = send, mailbox, timeout_s
         self.hq, self.d = num_heads, head_dim
-        self.called_off = called_off  # asked before each layer after the first
+        # Asked with the layers done so far, before and after each layer's attention (about
+        # halfway through the layer): True ends the step there.
+        self.called_off = called_off
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if layer and self.called_off is not None and self.called_off(layer):
-            raise StepInterrupted(layer)
+        self._go_on(layer)
+        out = self._attend(layer, q, k, v)
+        self._go_on(layer + 0.5)
+        return out
+
+    def _go_on(self, layers_done: float) -> None:
+        if self.called_off is not None and self.called_off(layers_done):
+            raise StepInterrupted(layers_done)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         layout = self.layout
         self.cache.write(layer, layout.local_write_slots, self._take(k, layout.local_write_rows),
                          self._take(v, layout.local_write_rows))

@@ -223,14 +223,14 @@ class InstanceEngine:
         self.pacer.observe(time.perf_counter() - started, out.num_prefill_tokens, out.num_decodes)
         return results
 
-    def _newcomer_calls_off(self, started: float) -> Callable[[int], bool]:
-        """For a step of prompts alone: a request that arrived since calls it off before a layer
-        if the rest of the step would make it wait too long (PrefillPacer.interrupts)."""
+    def _newcomer_calls_off(self, started: float) -> Callable[[float], bool]:
+        """For a step of prompts alone: a request waiting to be taken in calls it off (the next
+        time the step asks) if the rest of the step would keep it too long (PrefillPacer.interrupts)."""
         num_layers = self.runner.config.num_hidden_layers
 
-        def called_off(layer: int) -> bool:
+        def called_off(layers_done: float) -> bool:
             return (self._num_arrived > self._num_taken_in
-                    and self.pacer.interrupts(time.perf_counter() - started, layer / num_layers))
+                    and self.pacer.interrupts(time.perf_counter() - started, layers_done / num_layers))
 
         return called_off
 

@@ -30,9 +30,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[SeqWork], step: int,
-                called_off: Optional[Callable[[int], bool]] = None) -> list[SampleResult]:
-        """Runs the batch; `called_off(layer)`, asked before every layer after the first, may end
-        the step there with `StepInterrupted` (KV written so far is rewritten when it is redone)."""
+                called_off: Optional[Callable[[float], bool]] = None) -> list[SampleResult]:
+        """Runs the batch; `called_off(layers_done)`, asked twice per layer (StepAttention), may
+        end the step there with `StepInterrupted` (KV written so far is rewritten when redone)."""
         layout = build_step_layout(batch, self.rank, self.cache.block_size, self.device)
         assert self.config.head_dim is not None
         attention = StepAttention(self.rank, step, layout, self.cache, self.send, self.mailbox,

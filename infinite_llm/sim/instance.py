@@ -150,21 +150,23 @@ class SimInstance:
             self.layout.forget(request_id)
 
     def call_off(self, now: float, layers: int) -> Optional[float]:
-        """As InstanceEngine: a request arrived; a step of prompts alone is called off before its
-        next layer if the rest would make the newcomer wait too long (PrefillPacer.interrupts).
-        Returns when the loop is free again, or None if the step goes on. Nothing of the step is
-        committed; holders were charged for all of it (a spanning prompt alone: rare)."""
+        """As InstanceEngine: a request arrived; a step of prompts alone is called off at its
+        next check (before and after each layer's attention: every half layer, here) if the rest
+        would make the newcomer wait too long (PrefillPacer.interrupts). Returns when the loop is
+        free again, or None if the step goes on. Nothing of the step is committed; holders were
+        charged for all of it (a spanning prompt alone: rare)."""
         step = self.in_flight
         if step is None or step.out.num_decodes or step.duration_s <= 0.0:
             return None
-        layer_s = step.duration_s / layers
-        done = int((now - step.started_s) / layer_s) + 1  # layers finished at the next check
-        if done >= layers or not self.pacer.interrupts(done * layer_s, done / layers):
+        checks = 2 * layers
+        check_s = step.duration_s / checks
+        done = int((now - step.started_s) / check_s) + 1  # half layers finished at the next check
+        if done >= checks or not self.pacer.interrupts(done * check_s, done / checks):
             return None
         self.in_flight = None
         self.stats.num_called_off += 1
         guest_work_after = max(0.0, self.free_at - (step.started_s + step.duration_s))
-        self.free_at = step.started_s + done * layer_s + guest_work_after
+        self.free_at = step.started_s + done * check_s + guest_work_after
         return self.free_at
 
     def _pace_prefill(self) -> None:
