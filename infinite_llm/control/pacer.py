@@ -9,11 +9,17 @@ over the whole prefix), so the cap shrinks as a long prompt advances. When even 
 not fit, the prompt still gets one token every `min_progress_every` steps: it is slowed, never
 starved.
 
-A prompt running alone takes the whole budget: small chunks would waste the step's fixed cost
-(every weight read once per step) with nobody to make room for. A request that arrives during
-such a step would wait for all of it, so the instance calls the step off at its next layer
-(`interrupts`) when the rest of it would take longer than `lone_slowdown` - 1 decode-only steps;
-the prompt redoes that chunk, paced, beside the newcomer.
+A prompt running alone with all its KV at home takes the whole budget: small chunks would waste
+the step's fixed cost (every weight read once per step) with nobody to make room for. A request
+that arrives during such a step would wait for all of it, so the instance calls the step off at
+its next check (`interrupts`) when the rest of it would take longer than `lone_slowdown` - 1
+decode-only steps; the prompt redoes that chunk, paced, beside the newcomer.
+
+A prompt alone on a `shared` instance is paced to `lone_slowdown` times a decode-only step
+instead: other instances' requests wait on this one's steps (it holds their KV, or the prompt's
+KV spans instances and its chunk's attention runs on its holders between their own steps; a
+whole-budget chunk deep into a long context would hold them up for seconds). It gets at least a
+sixteenth of the budget per step.
 """
 
 from __future__ import annotations
@@ -31,19 +37,26 @@ class PrefillPacer:
         self.lone_slowdown = lone_slowdown
         self.probe_every = probe_every
         self.min_progress_every = min_progress_every
+        # Per-token cost measured on small chunks overstates it (a chunk's fixed cost of reading
+        # the whole prefix is split over few tokens): a spanning prompt alone never crawls.
+        self.lone_floor = max(1, budget // 16)
         self.smoothing = smoothing
         self.decode_step_s: Optional[float] = None
         self.prefill_token_s: Optional[float] = None
         self._steps_since_probe = 0
         self._starved_steps = 0
 
-    def next_cap(self, has_decodes: bool, contended: bool) -> Optional[int]:
+    def next_cap(self, has_decodes: bool, contended: bool, shared: bool = False) -> Optional[int]:
         """Cap for the next step's running-prompt chunks (None: the scheduler's default; 0: none
-        this step, e.g. a decode-only step to measure)."""
+        this step, e.g. a decode-only step to measure). `contended`: requests here decode or wait;
+        `shared`: other instances' requests wait on this one's steps."""
         if has_decodes and (self.decode_step_s is None or self._steps_since_probe >= self.probe_every):
             return 0
-        if not contended or self.decode_step_s is None or self.prefill_token_s is None:
+        if (not contended and not shared) or self.decode_step_s is None or self.prefill_token_s is None:
             return None
+        if not contended:
+            fit = int((self.lone_slowdown - 1.0) * self.decode_step_s / self.prefill_token_s)
+            return min(self.budget, max(fit, self.lone_floor))
         fit = int((self.slowdown - 1.0) * self.decode_step_s / self.prefill_token_s)
         if fit >= 1:
             self._starved_steps = 0

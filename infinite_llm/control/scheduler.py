@@ -162,7 +162,11 @@ class Scheduler:
     def pace_prefill(self, pacer: PrefillPacer) -> None:
         """Take the next step's cap on running prompts' chunks from the instance's pacer."""
         has_decodes = any(self._is_decoding(r) for r in self.running)
-        self.prefill_chunk_cap = pacer.next_cap(has_decodes, has_decodes or self.admission_possible())
+        # Other instances' requests wait on this one's steps: it holds their KV, or a prompt's
+        # chunk runs attention on its holders.
+        shared = self.kv.rm.num_lent > 0 or any(self.kv.is_split(r.request_id) or self._spans_instances(r)
+                                                for r in self.running if not self._is_decoding(r))
+        self.prefill_chunk_cap = pacer.next_cap(has_decodes, has_decodes or self.admission_possible(), shared)
 
     def admission_possible(self) -> bool:
         """Requests wait that could be admitted: waiters blocked on memory do not count, since

@@ -30,6 +30,17 @@ def test_a_prompt_alone_takes_the_whole_budget_however_costly_its_tokens():
     assert pacer.next_cap(has_decodes=False, contended=True) == 0  # a waiting newcomer: paced
 
 
+def test_a_prompt_alone_on_a_shared_instance_is_paced_and_never_crawls():
+    """Other instances' requests wait on this one's steps (it holds their KV, or the prompt's KV
+    is on holders): alone, its chunks fit lone_slowdown decode steps, at least budget / 16."""
+    pacer = PrefillPacer(budget=512, lone_slowdown=4.0)
+    pacer.observe(0.010, 0, 4)
+    pacer.observe(0.030, 100, 0)  # 0.2 ms per prompt token
+    assert pacer.next_cap(has_decodes=False, contended=False, shared=True) == 150  # 30 ms extra
+    pacer.observe(1.010, 10, 0)  # 100 ms per token: nothing fits in 30 ms
+    assert pacer.next_cap(has_decodes=False, contended=False, shared=True) == 512 // 16
+
+
 def test_a_newcomer_calls_off_a_lone_step_only_if_the_rest_would_exceed_the_bound():
     pacer = PrefillPacer(budget=512, lone_slowdown=4.0)
     assert pacer.interrupts(elapsed_s=0.001, fraction_done=0.5)  # no decode step measured yet

@@ -183,6 +183,32 @@ def test_a_remote_borrow_lets_a_prompt_larger_than_its_instance_run():
     assert c.used_blocks() == [0, 0]
 
 
+class RecordingPacer:
+    def __init__(self):
+        self.calls = []
+
+    def next_cap(self, has_decodes, contended, shared):
+        self.calls.append((has_decodes, contended, shared))
+        return None
+
+
+def test_a_prompt_is_paced_as_shared_while_it_spans_instances_or_its_instance_lends():
+    c = make(num_instances=2, blocks=4, budget=8)
+    pacer = RecordingPacer()
+    c[0].scheduler.add_request(req("big", 24, max_tokens=2))  # 3 blocks at home, 3 borrowed from 1
+    run_step(c[0].scheduler)
+    c[0].scheduler.pace_prefill(pacer)
+    c[1].scheduler.add_request(req("small", 4, max_tokens=2))  # instance 1 lends to "big"
+    run_step(c[1].scheduler)
+    c[1].scheduler.pace_prefill(pacer)  # small decodes; instance 1 holds KV of big
+    assert pacer.calls == [(False, False, True), (True, True, True)]
+    alone = make(num_instances=2, blocks=8, budget=8)
+    alone[0].scheduler.add_request(req("local", 24, max_tokens=2))
+    run_step(alone[0].scheduler)
+    alone[0].scheduler.pace_prefill(pacer)
+    assert pacer.calls[-1] == (False, False, False)  # all its KV at home, nothing lent: alone
+
+
 # --------------------------------------------------------------------------- admission errors
 def test_admission_errors():
     c = make(blocks=4, block_size=4, placement="static", max_waiting=1)
