@@ -118,7 +118,9 @@ class SchedulerConfig:
     # A step carrying a running prompt's chunk may take this many times a decode-only step
     # (measured) while others decode or wait; chunks are sized to fit. A prompt alone takes the
     # whole budget, and a request arriving during its step waits at most `lone_prefill_slowdown`
-    # - 1 decode-only steps: past that the step is called off and redone (control/pacer.py).
+    # - 1 decode-only steps: past that the step is called off and redone. Alone on an instance
+    # other instances wait on (it lends KV, or the prompt spans), chunks fit that bound instead
+    # (control/pacer.py).
     prefill_slowdown: float = 2.0
     lone_prefill_slowdown: float = 4.0
     # A request larger than one instance is admitted only while every instance holding part of
