@@ -31,7 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "while others decode or wait (chunks are sized from measured step times)")
     g.add_argument("--lone-prefill-slowdown", type=float, default=SchedulerConfig.lone_prefill_slowdown,
                    help="a prompt alone takes the whole budget; a request arriving during its step waits at "
-                        "most this - 1 decode-only steps (past that the step is called off and redone)")
+                        "most this - 1 decode-only steps (past that the step is called off and redone); alone "
+                        "on an instance other instances wait on, its chunks fit this many decode-only steps")
     g.add_argument("--headroom-fraction", type=float, default=SchedulerConfig.headroom_fraction,
                    help="a request larger than one instance is admitted only while every instance holding part of it keeps this share of its KV pool free for the requests that fit one instance (infinite)")
     g.add_argument("--spanning-prefill-every", type=int, default=SchedulerConfig.spanning_prefill_every,

@@ -38,7 +38,7 @@ class PrefillPacer:
         self.probe_every = probe_every
         self.min_progress_every = min_progress_every
         # Per-token cost measured on small chunks overstates it (a chunk's fixed cost of reading
-        # the whole prefix is split over few tokens): a spanning prompt alone never crawls.
+        # the whole prefix is split over few tokens): a paced prompt alone never crawls.
         self.lone_floor = max(1, budget // 16)
         self.smoothing = smoothing
         self.decode_step_s: Optional[float] = None

@@ -77,7 +77,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="as the engine's: a running prompt's chunk may make a step this many times a "
                         "decode-only step while others decode or wait (control/pacer.py)")
     s.add_argument("--lone-prefill-slowdown", type=float, default=SchedulerConfig.lone_prefill_slowdown,
-                   help="as the engine's: bounds the wait of a request arriving during a prompt alone")
+                   help="as the engine's: bounds the wait of a request arriving during a prompt alone, "
+                        "and paces a prompt alone on an instance others wait on")
     s.add_argument("--headroom-fraction", type=float, default=SchedulerConfig.headroom_fraction,
                    help="as the engine's: the share of its pool every holder of a request larger than "
                         "one instance keeps free when that request is admitted")

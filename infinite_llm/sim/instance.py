@@ -154,7 +154,7 @@ class SimInstance:
         next check (before and after each layer's attention: every half layer, here) if the rest
         would make the newcomer wait too long (PrefillPacer.interrupts). Returns when the loop is
         free again, or None if the step goes on. Nothing of the step is committed; holders were
-        charged for all of it (a spanning prompt alone: rare)."""
+        charged for all of it (rare: a spanning prompt alone is paced to short steps)."""
         step = self.in_flight
         if step is None or step.out.num_decodes or step.duration_s <= 0.0:
             return None
