@@ -147,7 +147,7 @@ def test_a_slow_holder_slows_the_requests_whose_blocks_it_holds():
 
 def test_a_newcomer_calls_off_a_prompt_step_running_alone():
     """As the engine: a prompt alone takes the whole budget; a request arriving during that step
-    calls it off at the next layer, so it waits far less than the step."""
+    calls it off at the next check, so it waits far less than the step."""
     one = dict(num_instances=1, placement="static")
     step_s = simulate(tiny_setup(**one), [TraceRequest("long", 0.0, 256, 4)]).record("long").first_token_s
     arrives = 0.3 * step_s
