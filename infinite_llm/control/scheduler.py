@@ -163,8 +163,9 @@ class Scheduler:
         """Take the next step's cap on running prompts' chunks from the instance's pacer."""
         has_decodes = any(self._is_decoding(r) for r in self.running)
         # Other instances' requests wait on this one's steps: it holds their KV, or a prompt's
-        # chunk runs attention on its holders.
-        shared = self.kv.rm.num_lent > 0 or any(self.kv.is_split(r.request_id) or self._spans_instances(r)
+        # chunk runs attention on its holders. (A running prompt larger than this instance is
+        # split: admission took the KV of its whole prompt.)
+        shared = self.kv.rm.num_lent > 0 or any(self.kv.is_split(r.request_id)
                                                 for r in self.running if not self._is_decoding(r))
         self.prefill_chunk_cap = pacer.next_cap(has_decodes, has_decodes or self.admission_possible(), shared)
 
